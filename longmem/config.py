@@ -1,0 +1,78 @@
+"""`LongMemConfig`: everything that defines a LongMem model besides its backbone's weights.
+
+Defaults follow the published configuration (SPEC §2) scaled to the backbone's depth: a
+24-layer backbone gets memory layer 17, a 12-layer SideNet and memory-augmented SideNet
+layer 8, exactly as in the paper. Fields left as `None` are filled in by `resolve` once the
+backbone's number of layers is known; a resolved config is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from longmem.errors import LongMemError
+
+MEMORY_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class LongMemConfig:
+    memory_layer: int | None = None
+    """Backbone layer (0-based) whose attention keys/values are cached. Default: 17/24 of depth."""
+    memory_size: int = 65536
+    """Memory capacity in tokens per sequence (FIFO; a multiple of `chunk_size`)."""
+    chunk_size: int = 4
+    """Tokens per memory chunk; a chunk's search key is the mean of its token keys."""
+    topk_tokens: int = 64
+    """Memory tokens each query attends to: topk_tokens / chunk_size chunks per head."""
+    sidenet_layers: int | None = None
+    """SideNet depth. Default: half the backbone's layers (the most it can have)."""
+    sidenet_memory_layer: int | None = None
+    """SideNet layer holding the joint memory attention. Default: memory_layer // 2."""
+    segment_length: int = 1024
+    """Tokens per segment: the local context of one forward pass."""
+    memory_dtype: str = "bfloat16"
+    """Storage dtype of cached keys/values ("float16", "bfloat16" or "float32")."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata (e.g. how the checkpoint was trained); not read by the model."""
+
+    def resolve(self, num_layers: int) -> "LongMemConfig":
+        """Fill `None` defaults for a backbone of `num_layers` blocks and validate every field."""
+        L = num_layers
+        memory_layer = (17 * L) // 24 if self.memory_layer is None else self.memory_layer
+        sidenet_layers = L // 2 if self.sidenet_layers is None else self.sidenet_layers
+        sidenet_memory_layer = memory_layer // 2 if self.sidenet_memory_layer is None else self.sidenet_memory_layer
+        cfg = dataclasses.replace(self, memory_layer=memory_layer, sidenet_layers=sidenet_layers,
+                                  sidenet_memory_layer=sidenet_memory_layer)
+        if not 0 <= memory_layer < L:
+            raise LongMemError(f"memory_layer={memory_layer} is outside the backbone's {L} layers; choose 0..{L - 1}")
+        if not 1 <= sidenet_layers <= L // 2:
+            raise LongMemError(f"sidenet_layers={sidenet_layers} must be between 1 and {L // 2} (half the backbone's {L} layers)")
+        if not 0 <= sidenet_memory_layer < sidenet_layers:
+            raise LongMemError(f"sidenet_memory_layer={sidenet_memory_layer} must be below sidenet_layers={sidenet_layers}; "
+                               f"lower memory_layer or set sidenet_memory_layer explicitly")
+        if self.chunk_size < 1 or self.memory_size < self.chunk_size or self.memory_size % self.chunk_size:
+            raise LongMemError(f"memory_size={self.memory_size} must be a positive multiple of chunk_size={self.chunk_size}")
+        if self.topk_tokens < self.chunk_size or self.topk_tokens % self.chunk_size:
+            raise LongMemError(f"topk_tokens={self.topk_tokens} must be a positive multiple of chunk_size={self.chunk_size}")
+        if self.segment_length < 2:
+            raise LongMemError(f"segment_length={self.segment_length} must be at least 2")
+        if self.memory_dtype not in MEMORY_DTYPES:
+            raise LongMemError(f"memory_dtype={self.memory_dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
+        return cfg
+
+    @property
+    def topk_chunks(self) -> int:
+        return self.topk_tokens // self.chunk_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LongMemConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise LongMemError(f"unknown LongMemConfig field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,102 @@
+"""Atomic file writes: users' checkpoints and memories are never left half-written.
+
+Every writer here writes to a temporary file in the destination folder, flushes and
+fsyncs it, then renames it over the destination (`os.replace` is atomic on POSIX). A
+failure at any point (full disk, Ctrl-C) leaves the old file, if any, untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from longmem.errors import LongMemError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise LongMemError(f"cannot write {path}: {e.strerror}; check the path and its permissions") from e
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise LongMemError(f"no space left on the device while writing {path}; free some disk space and retry (nothing was overwritten)") from e
+        raise LongMemError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically. Tensors are made contiguous first."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise LongMemError(f"{what} not found: {path}; check the path")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LongMemError(f"{what} {path} is not valid JSON ({e}); the file is corrupt, restore or re-create it") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` as a whole.
+
+    An existing folder is moved aside first and deleted only after the new one is in place,
+    so at every moment `path` holds either the complete old or the complete new contents.
+    """
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise LongMemError(f"cannot write {path}: {e.strerror}; check the path and its permissions") from e
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise LongMemError(f"no space left on the device while writing {path}; free some disk space and retry (nothing was overwritten)") from e
+        raise LongMemError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

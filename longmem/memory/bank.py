@@ -1,0 +1,226 @@
+"""`MemoryBank`: the long-term memory, one bank per batch row, passed into `forward` like a cache.
+
+Each row holds a FIFO ring of chunks. A chunk is `chunk_size` consecutive tokens of the
+memory layer's keys and values; its search key is the mean of its token keys, per
+key/value head. Tokens that do not fill a chunk yet wait in a pending buffer (they are not
+retrievable until their chunk completes); padding is never written. When a row is full the
+oldest chunks are overwritten, so a row always holds exactly its most recent `capacity`
+chunked tokens. Storage grows on demand up to capacity, so a short memory costs little.
+
+Shapes: B rows, Hkv key/value heads, S chunk slots, C chunk_size, D head dim, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from longmem.errors import LongMemError
+from longmem.io import save_safetensors
+from longmem.memory.retrieval import ExactRetriever, Retriever, SearchResult
+
+FORMAT = "longmem.memory/1"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a memory must agree on with the model that reads it."""
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    capacity: int            # tokens per row (a multiple of chunk_size)
+    dtype: str = "bfloat16"  # storage dtype
+    fingerprint: str = ""    # backbone fingerprint + memory layer: who encoded the keys
+
+    def check_compatible(self, other: "MemorySpec") -> None:
+        """Raise if a memory written under `other` cannot be read by a model expecting `self`."""
+        for name in ("fingerprint", "num_kv_heads", "head_dim", "chunk_size"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise LongMemError(f"this memory was written for a different model ({name} {theirs!r}, the model has "
+                                   f"{mine!r}); rebuild it with this model's memorize")
+
+
+class MemoryBank:
+    def __init__(self, spec: MemorySpec, batch_size: int, device: torch.device | str = "cpu",
+                 retriever: Retriever | None = None):
+        if spec.capacity % spec.chunk_size:
+            raise LongMemError(f"memory capacity {spec.capacity} must be a multiple of chunk_size {spec.chunk_size}")
+        self.spec = spec
+        self.batch_size = batch_size
+        self.retriever = retriever or ExactRetriever()
+        self.dtype = DTYPES[spec.dtype]
+        B, H, C, D = batch_size, spec.num_kv_heads, spec.chunk_size, spec.head_dim
+        self.max_chunks = spec.capacity // C
+        self.keys = torch.empty(B, H, 0, C, D, dtype=self.dtype, device=device)    # (B, Hkv, S, C, D)
+        self.values = torch.empty(B, H, 0, C, D, dtype=self.dtype, device=device)  # (B, Hkv, S, C, D)
+        self.chunk_keys = torch.empty(B, H, 0, D, dtype=self.dtype, device=device)  # (B, Hkv, S, D)
+        self.num_chunks = torch.zeros(B, dtype=torch.long, device=device)  # chunks held per row
+        self.next_slot = torch.zeros(B, dtype=torch.long, device=device)   # ring write position per row
+        self.pending_keys = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)    # (B, C, Hkv, D)
+        self.pending_values = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)  # (B, C, Hkv, D)
+        self.num_pending = torch.zeros(B, dtype=torch.long, device=device)
+
+    # ---- sizes --------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """(B,) retrievable tokens per row (pending tokens not counted)."""
+        return self.num_chunks * self.spec.chunk_size
+
+    @property
+    def slots_in_use(self) -> int:
+        return int(self.num_chunks.max())
+
+    def __len__(self) -> int:
+        """Retrievable tokens in the fullest row."""
+        return int(self.sizes.max())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.chunk_keys))
+
+    def __repr__(self) -> str:
+        return (f"MemoryBank(rows={self.batch_size}, tokens={self.sizes.tolist()}, capacity={self.spec.capacity}, "
+                f"chunk_size={self.spec.chunk_size}, dtype={self.spec.dtype})")
+
+    # ---- write ----------------------------------------------------------------------
+    def _grow(self, needed: int) -> None:
+        S = self.keys.shape[2]
+        if needed <= S:
+            return
+        new = min(self.max_chunks, max(needed, 2 * S, 64))
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - S, *t.shape[3:])], dim=2)
+        self.keys, self.values, self.chunk_keys = pad(self.keys), pad(self.values), pad(self.chunk_keys)
+
+    @torch.no_grad()
+    def write(self, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Append a segment's keys/values (B, T, Hkv, D); positions where attention_mask == 0 are skipped."""
+        B, T, H, D = keys.shape
+        assert (B, H, D) == (self.batch_size, self.spec.num_kv_heads, self.spec.head_dim), (keys.shape, self.spec)
+        assert values.shape == keys.shape
+        C = self.spec.chunk_size
+        keys, values = keys.to(self.device, self.dtype), values.to(self.device, self.dtype)
+        for b in range(B):
+            k, v = keys[b], values[b]  # (T, Hkv, D)
+            if attention_mask is not None:
+                keep = attention_mask[b].to(self.device).bool()
+                k, v = k[keep], v[keep]
+            p = int(self.num_pending[b])
+            k = torch.cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
+            v = torch.cat([self.pending_values[b, :p], v])
+            n_new = k.shape[0] // C
+            rest = k.shape[0] - n_new * C
+            self.pending_keys[b, :rest] = k[n_new * C:]
+            self.pending_values[b, :rest] = v[n_new * C:]
+            self.num_pending[b] = rest
+            if n_new == 0:
+                continue
+            drop = max(0, n_new - self.max_chunks)  # a write longer than the capacity keeps its newest chunks
+            ck = k[drop * C:n_new * C].view(-1, C, H, D).permute(2, 0, 1, 3)  # (Hkv, n, C, D)
+            cv = v[drop * C:n_new * C].view(-1, C, H, D).permute(2, 0, 1, 3)
+            self._grow(min(self.max_chunks, int(self.num_chunks[b]) + n_new))
+            slots = (self.next_slot[b] + torch.arange(drop, n_new, device=self.device)) % self.max_chunks
+            self.keys[b][:, slots] = ck
+            self.values[b][:, slots] = cv
+            self.chunk_keys[b][:, slots] = ck.float().mean(dim=2).to(self.dtype)  # (Hkv, n, D)
+            self.next_slot[b] = (self.next_slot[b] + n_new) % self.max_chunks
+            self.num_chunks[b] = min(self.max_chunks, int(self.num_chunks[b]) + n_new)
+
+    def reset(self, rows: Iterable[int] | torch.Tensor | None = None) -> None:
+        """Forget everything in `rows` (all rows when None)."""
+        idx = slice(None) if rows is None else torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows,
+                                                                  dtype=torch.long, device=self.device)
+        if torch.is_tensor(idx) and idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        for t in (self.num_chunks, self.next_slot, self.num_pending):
+            t[idx] = 0
+
+    # ---- read -----------------------------------------------------------------------
+    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        """queries (B, Hkv, Q, D) -> the top-k chunk slots per query (k clipped to what is stored)."""
+        return self.retriever.search(self, queries, min(k, self.slots_in_use))
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D)."""
+        B, H, Q, k = slots.shape
+        S, C, D = self.keys.shape[2], self.spec.chunk_size, self.spec.head_dim
+        flat = slots.reshape(B * H, Q * k)                   # (B*Hkv, Q*k)
+        rows = torch.arange(B * H, device=slots.device)[:, None]
+        keys = self.keys.view(B * H, S, C * D)[rows, flat]   # (B*Hkv, Q*k, C*D)
+        values = self.values.view(B * H, S, C * D)[rows, flat]
+        return keys.view(B, H, Q, k * C, D), values.view(B, H, Q, k * C, D)
+
+    def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `row`'s stored keys and values in write order (oldest first): (Hkv, N, D) each."""
+        n, start = int(self.num_chunks[row]), int(self.next_slot[row])
+        order = (start - n + torch.arange(n)) % self.max_chunks if n else torch.zeros(0, dtype=torch.long)
+        order = order.to(self.device)
+        H, D = self.spec.num_kv_heads, self.spec.head_dim
+        return self.keys[row][:, order].reshape(H, -1, D), self.values[row][:, order].reshape(H, -1, D)
+
+    # ---- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the bank atomically as safetensors with the spec in the metadata header."""
+        S = self.slots_in_use
+        tensors = {"keys": self.keys[:, :, :S], "values": self.values[:, :, :S], "chunk_keys": self.chunk_keys[:, :, :S],
+                   "num_chunks": self.num_chunks, "next_slot": self.next_slot, "pending_keys": self.pending_keys,
+                   "pending_values": self.pending_values, "num_pending": self.num_pending}
+        meta = {"format": FORMAT, "spec": json.dumps(dataclasses.asdict(self.spec)), "batch_size": str(self.batch_size)}
+        save_safetensors(path, {k: v.cpu() for k, v in tensors.items()}, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", expect: MemorySpec | None = None,
+             retriever: Retriever | None = None) -> "MemoryBank":
+        """Load a bank saved by `save`; `expect` (a model's `memory_spec()`) checks it belongs to that model."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise LongMemError(f"memory file not found: {path}; check the path")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LongMemError(f"memory file {path} is corrupt or truncated ({e}); re-create it with memorize") from e
+        if meta.get("format") != FORMAT:
+            raise LongMemError(f"{path} is not a longmem memory file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            spec = MemorySpec(**json.loads(meta["spec"]))
+            bank = cls(spec, int(meta["batch_size"]), device, retriever)
+            bank._restore(tensors)
+        except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
+            raise LongMemError(f"memory file {path} has inconsistent contents ({e or type(e).__name__}); "
+                               f"re-create it with memorize") from e
+        if expect is not None:
+            expect.check_compatible(spec)
+        return bank
+
+    def _restore(self, t: dict[str, torch.Tensor]) -> None:
+        B, H, C, D = self.batch_size, self.spec.num_kv_heads, self.spec.chunk_size, self.spec.head_dim
+        S = t["keys"].shape[2]
+        expected = {"keys": (B, H, S, C, D), "values": (B, H, S, C, D), "chunk_keys": (B, H, S, D),
+                    "num_chunks": (B,), "next_slot": (B,), "pending_keys": (B, C, H, D),
+                    "pending_values": (B, C, H, D), "num_pending": (B,)}
+        for name, shape in expected.items():
+            if name not in t:
+                raise KeyError(f"missing tensor {name!r}")
+            if tuple(t[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(t[name].shape)}, the header implies {shape}")
+        if S > self.max_chunks or bool((t["num_chunks"] > S).any()) or bool((t["num_pending"] >= C).any()):
+            raise ValueError("chunk counters exceed the stored data")
+        self._grow(S)
+        self.keys[:, :, :S] = t["keys"].to(self.device, self.dtype)
+        self.values[:, :, :S] = t["values"].to(self.device, self.dtype)
+        self.chunk_keys[:, :, :S] = t["chunk_keys"].to(self.device, self.dtype)
+        for name in ("num_chunks", "next_slot", "num_pending", "pending_keys", "pending_values"):
+            getattr(self, name).copy_(t[name])

@@ -1,0 +1,200 @@
+"""`LongMemForCausalLM`: a frozen HuggingFace causal LM + a trainable SideNet + a passed-in memory.
+
+One `forward` processes one segment: the frozen backbone runs once (no grad) and yields the
+hidden states H[0..L] and the memory layer's keys/values; the SideNet retrieves from the
+memory *before* this segment's keys/values are written into it (a segment never retrieves
+itself), and predicts through the backbone's frozen LM head.
+
+Shapes: B batch, T tokens in the segment, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from longmem.backbone import adapter_for
+from longmem.config import LongMemConfig
+from longmem.errors import LongMemError
+from longmem.memory import MemoryBank, MemorySpec, Retriever
+from longmem.sidenet import Retrieval, SegmentContext, SideNet
+
+
+@dataclass
+class LongMemOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy over `labels` (shifted inside, -100 ignored), if labels were given."""
+    logits: torch.Tensor | None = None
+    """(B, T, V) next-token logits."""
+    retrieval: Retrieval | None = None
+    """What the memory-augmented layer retrieved (None when the memory was empty or absent)."""
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) positions counting only real tokens (left padding starts at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, 1, T, T) bool: causal, no padded keys (a pad query sees itself only)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    return allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+class LongMemForCausalLM(nn.Module):
+    def __init__(self, backbone: nn.Module, config: LongMemConfig):
+        super().__init__()
+        self.adapter = adapter_for(backbone)
+        self.config = config.resolve(self.adapter.num_layers)
+        self.backbone = backbone
+        backbone.requires_grad_(False).eval()
+        c = self.config
+        self.sidenet = SideNet(self.adapter, c.sidenet_layers, c.sidenet_memory_layer, c.topk_chunks)
+        self.backbone_fingerprint = self.adapter.fingerprint()
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, config: LongMemConfig | None = None) -> "LongMemForCausalLM":
+        """Build a LongMem model around `backbone` (frozen in place; the SideNet copies its blocks)."""
+        return cls(backbone, config or LongMemConfig())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # the frozen backbone never uses dropout: cached memories stay consistent
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sidenet.parameters()).device
+
+    # ---- memory -----------------------------------------------------------------------
+    def memory_spec(self, memory_size: int | None = None) -> MemorySpec:
+        c, a = self.config, self.adapter
+        return MemorySpec(num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, chunk_size=c.chunk_size,
+                          capacity=memory_size or c.memory_size, dtype=c.memory_dtype,
+                          fingerprint=f"{self.backbone_fingerprint}:layer{c.memory_layer}")
+
+    def new_memory(self, batch_size: int, memory_size: int | None = None, retriever: Retriever | None = None,
+                   device: torch.device | str | None = None) -> MemoryBank:
+        """An empty memory with one bank per row (capacity `memory_size` tokens, default from the config)."""
+        return MemoryBank(self.memory_spec(memory_size), batch_size, device or self.device, retriever)
+
+    def load_memory(self, path: str | Path) -> MemoryBank:
+        """`MemoryBank.load` checked against this model."""
+        return MemoryBank.load(path, self.device, expect=self.memory_spec())
+
+    def _check_memory(self, memory: MemoryBank, batch_size: int) -> None:
+        self.memory_spec().check_compatible(memory.spec)
+        if memory.batch_size != batch_size:
+            raise LongMemError(f"the memory has {memory.batch_size} rows but the input has {batch_size}; "
+                               f"create it with model.new_memory(batch_size={batch_size})")
+        if memory.device != self.device:
+            raise LongMemError(f"the memory is on {memory.device} but the model on {self.device}; move one of them")
+
+    # ---- forward ----------------------------------------------------------------------
+    def _backbone(self, input_ids, attention_mask):
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        B, T = input_ids.shape
+        if attention_mask is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.adapter.run(input_ids, attention_mask, position_ids, self.config.memory_layer)
+        return out, attention_mask, position_ids
+
+    def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                update_memory: bool = True) -> LongMemOutput:
+        """One segment: input_ids (B, T) with T <= segment_length; retrieve, then write into `memory`."""
+        B, T = input_ids.shape
+        if T > self.config.segment_length:
+            raise LongMemError(f"a segment of {T} tokens is longer than segment_length={self.config.segment_length}; "
+                               f"split the input (memorize does it for long inputs)")
+        if memory is not None:
+            self._check_memory(memory, B)
+        bb, attention_mask, position_ids = self._backbone(input_ids, attention_mask)
+        ctx = SegmentContext(positions=self.adapter.positions(bb.hidden_states[0], position_ids),
+                             attn_mask=None if attention_mask is None else causal_padding_mask(attention_mask),
+                             memory=memory)
+        hidden, retrieval = self.sidenet(bb.hidden_states, ctx)  # (B, T, d)
+        head = self.adapter.lm_head
+        logits = head(hidden.to(head.weight.dtype) if not torch.is_autocast_enabled(hidden.device.type) else hidden)
+        if memory is not None and update_memory:
+            memory.write(bb.memory_keys, bb.memory_values, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return LongMemOutput(loss=loss, logits=logits, retrieval=retrieval)
+
+    @torch.no_grad()
+    def memorize(self, input_ids: torch.Tensor, memory: MemoryBank, attention_mask: torch.Tensor | None = None,
+                 show_progress: bool = False) -> MemoryBank:
+        """Stream a long input (B, N) into `memory`, one segment at a time through the backbone only."""
+        B, N = input_ids.shape
+        self._check_memory(memory, B)
+        seg = self.config.segment_length
+        starts = range(0, N, seg)
+        if show_progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="memorize", unit="seg")
+        for s in starts:
+            mask = None if attention_mask is None else attention_mask[:, s:s + seg]
+            bb, mask, _ = self._backbone(input_ids[:, s:s + seg], mask)
+            memory.write(bb.memory_keys, bb.memory_values, mask)
+        return memory
+
+    # ---- generation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, max_new_tokens: int = 32,
+                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample a continuation of input_ids (B, N) -> (B, N + new); temperature 0 is greedy.
+
+        The prompt beyond one segment is memorized first. The local context is at most one
+        segment: when it overflows, its older half is written into memory and dropped.
+        """
+        from longmem.generation import sample_next
+
+        B, N = input_ids.shape
+        memory = memory if memory is not None else self.new_memory(B)
+        seg = self.config.segment_length
+        prefix = ((N - 1) // seg) * seg  # leaves 1..seg prompt tokens in the local context
+        if prefix:
+            self.memorize(input_ids[:, :prefix], memory)
+        ctx, new = input_ids[:, prefix:], []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(ctx, memory=memory, update_memory=False).logits[:, -1].float()  # (B, V)
+            token = sample_next(logits, temperature, top_k, generator)                    # (B, 1)
+            if eos_token_id is not None:
+                token = token.masked_fill(done[:, None], eos_token_id)
+                done |= token[:, 0] == eos_token_id
+            new.append(token)
+            ctx = torch.cat([ctx, token], dim=1)
+            if ctx.shape[1] > seg:
+                half = seg // 2
+                self.memorize(ctx[:, :half], memory)
+                ctx = ctx[:, half:]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return torch.cat([input_ids, *new], dim=1)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, backbone: Literal["save", "reference"] = "save", **kwargs) -> None:
+        """Write the SideNet and config (and the backbone, unless backbone='reference'); kwargs: extra, tokenizer, dtype."""
+        from longmem.checkpoint import save_pretrained
+        save_pretrained(self, path, backbone, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backbone: nn.Module | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LongMemForCausalLM":
+        from longmem.checkpoint import from_pretrained
+        return from_pretrained(cls, path, backbone, device, dtype)

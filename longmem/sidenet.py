@@ -1,0 +1,138 @@
+"""The SideNet: a small trainable network beside the frozen backbone (SPEC §2.1–2.2).
+
+Layer l starts as a copy of backbone block 2l+1 and reads the backbone through the
+cross-network residual  S[l+1] = layer_l(S[l]) + (H[2l+2] - H[2l]),  S[0] = H[0].
+One layer is memory-augmented: each token retrieves its top chunks from the memory bank
+and mixes memory attention into its local attention through a per-head gate.
+
+Shapes: B batch, T tokens, d width, Hq query heads, Hkv key/value heads, G = Hq/Hkv,
+D head dim, K retrieved memory tokens per query.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longmem.backbone import BackboneAdapter
+from longmem.memory import MemoryBank
+
+
+@dataclass
+class Retrieval:
+    """What the memory-augmented layer retrieved for this segment (for introspection)."""
+    slots: torch.Tensor   # (B, Hkv, G*T, k) chunk slots; query head h = kv head h // G, token t: index (h % G)*T + t
+    valid: torch.Tensor   # (B, Hkv, G*T, k) bool
+    scores: torch.Tensor  # (B, Hkv, G*T, k) search inner products
+
+
+@dataclass
+class SegmentContext:
+    """Per-segment inputs shared by every SideNet layer."""
+    positions: object                 # the adapter's position data (rotary cos/sin, or None)
+    attn_mask: torch.Tensor | None    # (B, 1, T, T) bool, or None for plain causal attention
+    memory: MemoryBank | None
+
+
+def local_attention(q, k, v, attn_mask, dropout_p):
+    """Causal attention over the segment. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, Hq, T, D)
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+def memory_attention(q, mem_k, mem_v, valid):
+    """Each token attends to its own retrieved tokens, no positions (SPEC §2.2).
+
+    q (B, Hq, T, D); mem_k/mem_v (B, Hq, T, K, D); valid (B, Hq, T, K) -> (B, Hq, T, D).
+    """
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k.to(q.dtype)) * q.shape[-1] ** -0.5
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v.to(q.dtype))
+
+
+class SideNetLayer(nn.Module):
+    """A pre-norm decoder block run through the adapter's block anatomy."""
+
+    def __init__(self, block: nn.Module, adapter: BackboneAdapter):
+        super().__init__()
+        self.block = block
+        self.adapter = adapter  # plain attribute: not a module, holds the frozen backbone
+
+    def mix(self, a: torch.Tensor, q: torch.Tensor, ctx: SegmentContext):
+        return a, None
+
+    def forward(self, x: torch.Tensor, ctx: SegmentContext):
+        ad = self.adapter
+        qkv = ad.attention_inputs(self.block, x)                  # q (B, Hq, T, D), k/v (B, Hkv, T, D)
+        q_pos, k_pos = ad.apply_positions(qkv.q, qkv.k, ctx.positions)
+        p = ad.attention_dropout(self.block) if self.training else 0.0
+        a = local_attention(q_pos, k_pos, qkv.v, ctx.attn_mask, p)  # (B, Hq, T, D)
+        a, retrieval = self.mix(a, qkv.q, ctx)
+        B, H, T, D = a.shape
+        x = x + ad.attention_output(self.block, a.transpose(1, 2).reshape(B, T, H * D))
+        return ad.mlp_residual(self.block, x), retrieval
+
+
+class MemoryAugmentedLayer(SideNetLayer):
+    """Joint attention: out_h = (1 - σ(g_h))·local_h + σ(g_h)·memory_h, g initialised to 0."""
+
+    def __init__(self, block: nn.Module, adapter: BackboneAdapter, topk_chunks: int):
+        super().__init__(block, adapter)
+        self.topk_chunks = topk_chunks
+        self.gate = nn.Parameter(torch.zeros(adapter.num_heads))
+
+    def mix(self, a, q, ctx):
+        memory = ctx.memory
+        if memory is None or len(memory) == 0:
+            return a, None  # plain causal attention
+        B, Hq, T, D = q.shape
+        Hkv = memory.spec.num_kv_heads
+        G = Hq // Hkv
+        # pre-rotary queries search their key/value head's chunks: (B, Hq, T, D) -> (B, Hkv, G*T, D)
+        queries = q.reshape(B, Hkv, G * T, D)
+        found = memory.search(queries.detach(), self.topk_chunks)
+        mem_k, mem_v = memory.gather(found.slots)                  # (B, Hkv, G*T, K, D)
+        K = mem_k.shape[-2]
+        mem_k = mem_k.view(B, Hq, T, K, D)
+        mem_v = mem_v.view(B, Hq, T, K, D)
+        valid = found.valid.repeat_interleave(memory.spec.chunk_size, dim=-1).view(B, Hq, T, K)
+        m = memory_attention(q, mem_k, mem_v, valid)               # (B, Hq, T, D)
+        has_memory = (memory.num_chunks > 0).to(a.dtype).view(B, 1, 1, 1)  # rows with an empty bank stay local
+        g = torch.sigmoid(self.gate).to(a.dtype).view(1, Hq, 1, 1)
+        return a + has_memory * g * (m - a), Retrieval(found.slots, found.valid, found.scores)
+
+
+class SideNet(nn.Module):
+    """SideNet layers copied from backbone blocks 1, 3, 5, ... plus a copy of the final norm."""
+
+    def __init__(self, adapter: BackboneAdapter, num_layers: int, memory_layer: int, topk_chunks: int):
+        super().__init__()
+        layers = []
+        for i in range(num_layers):
+            block = copy.deepcopy(adapter.blocks[2 * i + 1])
+            layers.append(MemoryAugmentedLayer(block, adapter, topk_chunks) if i == memory_layer
+                          else SideNetLayer(block, adapter))
+        self.layers = nn.ModuleList(layers)
+        self.norm = copy.deepcopy(adapter.final_norm)
+        self.memory_layer = memory_layer
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, hidden: tuple[torch.Tensor, ...], ctx: SegmentContext):
+        """hidden: the backbone's H[0..L], each (B, T, d) -> final-normed (B, T, d), retrieval."""
+        dtype = next(self.parameters()).dtype
+        H = [h.to(dtype) if not torch.is_autocast_enabled(h.device.type) else h for h in hidden]
+        s, retrieval = H[0], None
+        for l, layer in enumerate(self.layers):
+            out, r = layer(s, ctx)
+            s = out + (H[2 * l + 2] - H[2 * l])  # cross-network residual
+            retrieval = r if r is not None else retrieval
+        return self.norm(s), retrieval

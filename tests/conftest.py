@@ -1,0 +1,40 @@
+"""Tiny random backbones of both supported families (GPT-2; Llama with grouped-query attention)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging
+
+logging.set_verbosity_error()
+
+VOCAB = 97
+
+
+def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128,
+                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(cfg).eval()
+    cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def family(request):
+    return request.param
+
+
+def small_config(**kw):
+    from longmem import LongMemConfig
+    base = dict(memory_size=64, chunk_size=2, topk_tokens=8, segment_length=16, memory_dtype="float32")
+    base.update(kw)
+    return LongMemConfig(**base)
+
+
+@pytest.fixture
+def model(family):
+    from longmem import LongMemForCausalLM
+    return LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())

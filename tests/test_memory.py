@@ -1,0 +1,156 @@
+"""MemoryBank against brute force: chunking, pending buffer, FIFO, retrieval, isolation, persistence."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from longmem import LongMemError, MemoryBank, MemorySpec
+
+H, D = 2, 8
+
+
+def bank(capacity=64, chunk=4, rows=2, dtype="float32"):
+    return MemoryBank(MemorySpec(num_kv_heads=H, head_dim=D, chunk_size=chunk, capacity=capacity, dtype=dtype,
+                                 fingerprint="test"), rows)
+
+
+def write_stream(mem, lengths, rows=2, mask_fn=None, seed=0):
+    """Write random segments; return, per row, every valid token written (T, H, D) in order."""
+    g = torch.Generator().manual_seed(seed)
+    written = [[] for _ in range(rows)]
+    for T in lengths:
+        k = torch.randn(rows, T, H, D, generator=g)
+        mask = mask_fn(T) if mask_fn else None
+        mem.write(k, -k, mask)
+        for b in range(rows):
+            written[b].append(k[b] if mask is None else k[b][mask[b].bool()])
+    return [torch.cat(w) for w in written]
+
+
+def test_pending_buffer_keeps_every_token_across_odd_segments():
+    mem = bank(capacity=400, chunk=4)
+    written = write_stream(mem, [3, 5, 1, 7, 2, 9])  # 27 tokens: 6 chunks + 3 pending
+    for b in range(2):
+        keys, values = mem.tokens(b)  # (H, N, D)
+        assert keys.shape[1] == 24
+        torch.testing.assert_close(keys.transpose(0, 1), written[b][:24], rtol=0, atol=0)
+        torch.testing.assert_close(values.transpose(0, 1), -written[b][:24], rtol=0, atol=0)
+        assert int(mem.num_pending[b]) == 3
+        torch.testing.assert_close(mem.pending_keys[b, :3], written[b][24:], rtol=0, atol=0)
+    assert len(mem) == 24 and mem.sizes.tolist() == [24, 24]
+
+
+def test_fifo_holds_exactly_the_most_recent_capacity_tokens():
+    mem = bank(capacity=8, chunk=2)
+    written = write_stream(mem, [5, 7, 3, 8, 21])  # 44 tokens -> 22 chunks, ring of 4 chunks
+    for b in range(2):
+        keys, _ = mem.tokens(b)
+        assert keys.shape[1] == 8
+        torch.testing.assert_close(keys.transpose(0, 1), written[b][36:44], rtol=0, atol=0)
+    assert len(mem) == 8
+
+
+def test_padding_is_never_written():
+    mem = bank(capacity=64, chunk=2)
+    def mask(T):  # row 0 right-padded, row 1 left-padded
+        m = torch.ones(2, T, dtype=torch.long)
+        m[0, T - 2:] = 0
+        m[1, :3] = 0
+        return m
+    written = write_stream(mem, [7, 6, 9], mask_fn=mask)
+    for b in range(2):
+        n = written[b].shape[0] // 2 * 2
+        keys, _ = mem.tokens(b)
+        torch.testing.assert_close(keys.transpose(0, 1), written[b][:n], rtol=0, atol=0)
+
+
+def brute_force_topk(written_row, chunk, capacity, queries, k):
+    """Chunk the whole history, keep the newest capacity tokens, exact inner-product top-k."""
+    n = written_row.shape[0] // chunk * chunk
+    toks = written_row[:n][-capacity:]                  # (N, H, D)
+    chunks = toks.view(-1, chunk, H, D)                  # (S, C, H, D)
+    means = chunks.mean(dim=1)                           # (S, H, D)
+    scores = torch.einsum("hqd,shd->hqs", queries, means)
+    idx = scores.topk(k, dim=-1).indices                 # (H, Q, k)
+    return chunks, idx
+
+
+@pytest.mark.parametrize("capacity", [1000, 24])  # not full, and wrapped around
+def test_retrieval_equals_brute_force(capacity):
+    mem = bank(capacity=capacity, chunk=4)
+    written = write_stream(mem, [13, 6, 11, 9, 5])
+    queries = torch.randn(2, H, 7, D)
+    k = 4
+    res = mem.search(queries, k)
+    got_k, _ = mem.gather(res.slots)  # (B, H, Q, k*C, D)
+    assert bool(res.valid.all())
+    for b in range(2):
+        chunks, idx = brute_force_topk(written[b], 4, capacity, queries[b], k)
+        for h in range(H):
+            for q in range(7):
+                ref = {tuple(chunks[i, :, h].flatten().tolist()) for i in idx[h, q].tolist()}
+                got = {tuple(got_k[b, h, q, j * 4:(j + 1) * 4].flatten().tolist()) for j in range(k)}
+                assert got == ref
+
+
+def test_retrieval_with_fewer_chunks_than_k_and_uneven_rows():
+    mem = bank(capacity=64, chunk=2)
+    mem.write(torch.randn(2, 6, H, D), torch.randn(2, 6, H, D), torch.tensor([[1] * 6, [1, 1] + [0] * 4]))
+    res = mem.search(torch.randn(2, H, 3, D), 8)
+    assert res.slots.shape[-1] == 3  # clipped to the fullest row
+    assert bool(res.valid[0].all())
+    assert res.valid[1].sum(-1).eq(1).all()  # row 1 holds a single chunk
+
+
+def test_reset_rows():
+    mem = bank()
+    write_stream(mem, [9, 9])
+    mem.reset(rows=[0])
+    assert mem.sizes.tolist() == [0, 16] and int(mem.num_pending[0]) == 0 and int(mem.num_pending[1]) == 2
+    mem.reset()
+    assert len(mem) == 0
+
+
+def test_save_load_roundtrip(tmp_path):
+    mem = bank(capacity=12, chunk=4, dtype="bfloat16")
+    write_stream(mem, [7, 9, 10])
+    mem.save(tmp_path / "m.safetensors")
+    back = MemoryBank.load(tmp_path / "m.safetensors")
+    for name in ("num_chunks", "next_slot", "num_pending", "pending_keys"):
+        assert torch.equal(getattr(mem, name), getattr(back, name))
+    q = torch.randn(2, H, 5, D)
+    a, b = mem.search(q, 2), back.search(q, 2)
+    assert torch.equal(a.slots, b.slots)
+    assert torch.equal(mem.gather(a.slots)[1], back.gather(b.slots)[1])
+    more = torch.randn(2, 6, H, D)
+    mem.write(more, more)
+    back.write(more, more)
+    assert torch.equal(mem.tokens(1)[0], back.tokens(1)[0])
+
+
+def test_load_errors(tmp_path):
+    mem = bank()
+    write_stream(mem, [8])
+    path = tmp_path / "m.safetensors"
+    mem.save(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LongMemError, match="corrupt or truncated"):
+        MemoryBank.load(tmp_path / "cut.safetensors")
+    with pytest.raises(LongMemError, match="not found"):
+        MemoryBank.load(tmp_path / "missing.safetensors")
+    other = MemorySpec(num_kv_heads=H, head_dim=D, chunk_size=4, capacity=64, fingerprint="another-model")
+    with pytest.raises(LongMemError, match="different model .*fingerprint"):
+        MemoryBank.load(path, expect=other)
+    # right header, wrong tensor shapes
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["values"] = tensors["values"][:, :1].contiguous()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(LongMemError, match="inconsistent contents.*'values' has shape"):
+        MemoryBank.load(tmp_path / "bad.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(LongMemError, match="not a longmem memory file"):
+        MemoryBank.load(tmp_path / "other.safetensors")

@@ -1,0 +1,149 @@
+"""LongMemForCausalLM end to end: freezing, retrieval order, row isolation, persistence, generation."""
+
+import pytest
+import torch
+
+from conftest import VOCAB, small_config, tiny_backbone
+from longmem import LongMemError, LongMemForCausalLM, MemoryBank
+
+
+def segments(n, B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (B, T), generator=g) for _ in range(n)]
+
+
+def test_training_step_updates_only_sidenet(model):
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    side = {k: v.clone() for k, v in model.sidenet.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.sidenet.parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    memory = model.new_memory(2)
+    model.train()
+    for x in segments(3):
+        out = model(x, memory=memory, labels=x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert all(p.grad is None for p in model.backbone.parameters())
+    changed = {k for k, p in model.sidenet.named_parameters() if not torch.equal(p, side[k])}
+    assert any(k.endswith("gate") for k in changed)
+    assert len(changed) == len(side)  # every SideNet tensor moved (gate included)
+
+
+def test_segment_never_retrieves_itself(family):
+    # ask for more chunks than are stored, so everything searchable is retrieved
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config(topk_tokens=64))
+    memory = model.new_memory(2)
+    a, b = segments(2)
+    assert model(a, memory=memory).retrieval is None  # empty memory: nothing retrieved
+    assert len(memory) == 16
+    out = model(b, memory=memory)
+    assert len(memory) == 32
+    slots = out.retrieval.slots[out.retrieval.valid]
+    assert int(slots.max()) < 8  # only the first segment's 16 tokens = 8 chunks were searchable
+    assert out.retrieval.slots.shape[-1] == 8
+
+
+def test_rows_are_isolated(family):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    a, b = segments(2)
+    a2 = a.clone()
+    a2[0] = torch.randint(0, VOCAB, (16,))  # change row 0's past only
+    logits = []
+    for first in (a, a2):
+        memory = model.new_memory(2)
+        model(first, memory=memory)
+        logits.append(model(b, memory=memory).logits)
+    assert torch.equal(logits[0][1], logits[1][1])
+    assert not torch.allclose(logits[0][0], logits[1][0])
+
+
+def test_empty_memory_equals_no_memory_and_memory_matters(model):
+    x, y = segments(2)
+    ref = model(y).logits
+    torch.testing.assert_close(model(y, memory=model.new_memory(2)).logits, ref, rtol=0, atol=0)
+    memory = model.new_memory(2)
+    model(x, memory=memory)
+    assert not torch.allclose(model(y, memory=memory).logits, ref)
+
+
+def test_right_padding_matches_unpadded(model):
+    x = segments(1)[0]
+    mask = torch.ones_like(x)
+    mask[1, 10:] = 0
+    mem_pad, mem_ref = model.new_memory(2), model.new_memory(2)
+    out = model(x, memory=mem_pad, attention_mask=mask)
+    ref = model(x[1:, :10], memory=model.new_memory(1)).logits
+    torch.testing.assert_close(out.logits[1, :10], ref[0], rtol=1e-5, atol=1e-5)
+    assert mem_pad.sizes.tolist() == [16, 10]
+
+
+def test_memorize_equals_forward_writes(model):
+    x = torch.cat(segments(3), dim=1)  # (2, 48)
+    m1, m2 = model.new_memory(2), model.new_memory(2)
+    model.memorize(x, m1)
+    for s in range(0, 48, 16):
+        model(x[:, s:s + 16], memory=m2)
+    assert torch.equal(m1.tokens(0)[0], m2.tokens(0)[0]) and torch.equal(m1.tokens(1)[1], m2.tokens(1)[1])
+
+
+def test_save_load_roundtrip_bit_identical(family, tmp_path):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    with torch.no_grad():
+        for p in model.sidenet.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make the SideNet differ from its initialisation
+    a, b = segments(2)
+    memory = model.new_memory(2)
+    model(a, memory=memory)
+    memory.save(tmp_path / "memory.safetensors")
+    model.save_pretrained(tmp_path / "ckpt")
+    ref = model(b, memory=memory).logits
+    loaded = LongMemForCausalLM.from_pretrained(tmp_path / "ckpt")
+    memory2 = loaded.load_memory(tmp_path / "memory.safetensors")
+    assert torch.equal(loaded(b, memory=memory2).logits, ref)
+
+
+def test_load_with_wrong_backbone_is_an_error(tmp_path):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config())
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(LongMemError, match="built for a different backbone"):
+        LongMemForCausalLM.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone("llama", seed=1))
+    other = LongMemForCausalLM.from_backbone(tiny_backbone("llama", seed=1), small_config())
+    memory = other.new_memory(1)
+    other.memorize(segments(1, B=1)[0], memory)
+    memory.save(tmp_path / "m.safetensors")
+    with pytest.raises(LongMemError, match="written for a different model"):
+        model.load_memory(tmp_path / "m.safetensors")
+    with pytest.raises(LongMemError, match="written for a different model"):
+        model(segments(1, B=1)[0], memory=MemoryBank.load(tmp_path / "m.safetensors"))
+    (tmp_path / "ckpt" / "sidenet.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LongMemError, match="corrupt or truncated"):
+        LongMemForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(LongMemError, match="not a LongMem checkpoint"):
+        LongMemForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_generate_with_memory(family):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    prompt = torch.randint(0, VOCAB, (2, 37))  # 2 full segments go to memory, 5 tokens stay local
+    memory = model.new_memory(2)
+    out = model.generate(prompt, memory=memory, max_new_tokens=20, temperature=0)
+    assert out.shape == (2, 57) and torch.equal(out[:, :37], prompt)
+    # the first greedy token is the argmax of one forward over the local context with the same memory
+    ref_mem = model.new_memory(2)
+    model.memorize(prompt[:, :32], ref_mem)
+    first = model(prompt[:, 32:], memory=ref_mem).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, 37], first)
+    # 5 + 20 tokens overflowed the 16-token window twice: 2 x 8 more tokens were memorized
+    assert len(memory) == 32 + 16
+    sampled = model.generate(prompt[:1], max_new_tokens=5, temperature=0.8, top_k=5,
+                             generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (1, 42)
+
+
+def test_segment_longer_than_configured_is_an_error(model):
+    with pytest.raises(LongMemError, match="longer than segment_length=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
