@@ -33,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -40,6 +41,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise LongMemError(f"cannot write {path}: {e.strerror}") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -87,16 +94,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise LongMemError(f"cannot write {path}: {e.strerror}; check the path and its permissions") from e
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise LongMemError(f"no space left on the device while writing {path}; free some disk space and retry (nothing was overwritten)") from e
         raise LongMemError(f"cannot write {path}: {e.strerror}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder `src` onto `dst`; an existing `dst` is moved to a hidden name first, then deleted."""
+    import shutil
+    import uuid
+
+    aside = dst.parent / f".tmp-{dst.name}-old-{uuid.uuid4().hex[:8]}"
+    if dst.exists():
+        dst.rename(aside)
+    os.replace(src, dst)
+    shutil.rmtree(aside, ignore_errors=True)

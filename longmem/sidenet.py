@@ -53,8 +53,10 @@ def memory_attention(q, mem_k, mem_v, valid):
     q (B, Hq, T, D); mem_k/mem_v (B, Hq, T, K, D); valid (B, Hq, T, K) -> (B, Hq, T, D).
     """
     scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k.to(q.dtype)) * q.shape[-1] ** -0.5
-    scores = scores.float().masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    # a query with nothing valid (its row's memory is empty) gets zeros, never NaN
+    any_valid = valid.any(dim=-1, keepdim=True)
+    scores = scores.float().masked_fill(~valid & any_valid, float("-inf"))
+    probs = (torch.softmax(scores, dim=-1) * valid).to(q.dtype)
     return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v.to(q.dtype))
 
 

@@ -6,6 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging
 
 logging.set_verbosity_error()
+torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps the suite quick on a busy machine
 
 VOCAB = 97
 

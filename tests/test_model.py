@@ -74,7 +74,7 @@ def test_right_padding_matches_unpadded(model):
     x = segments(1)[0]
     mask = torch.ones_like(x)
     mask[1, 10:] = 0
-    mem_pad, mem_ref = model.new_memory(2), model.new_memory(2)
+    mem_pad = model.new_memory(2)
     out = model(x, memory=mem_pad, attention_mask=mask)
     ref = model(x[1:, :10], memory=model.new_memory(1)).logits
     torch.testing.assert_close(out.logits[1, :10], ref[0], rtol=1e-5, atol=1e-5)
@@ -147,3 +147,33 @@ def test_generate_with_memory(family):
 def test_segment_longer_than_configured_is_an_error(model):
     with pytest.raises(LongMemError, match="longer than segment_length=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_row_with_empty_memory_next_to_full_rows(family):
+    """A row whose memory was just reset stays finite and equals plain local attention."""
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    a, b = segments(2)
+    memory = model.new_memory(2)
+    model(a, memory=memory)
+    memory.reset(rows=[1])
+    out = model(b, memory=memory, labels=b)
+    assert torch.isfinite(out.logits).all()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.sidenet.parameters() if p.grad is not None)
+    torch.testing.assert_close(out.logits[1], model(b[1:]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_referencing_backbone_by_path(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_backbone("gpt2").save_pretrained(tmp_path / "bb")
+    backbone = AutoModelForCausalLM.from_pretrained(tmp_path / "bb")
+    model = LongMemForCausalLM.from_backbone(backbone, small_config())
+    model.save_pretrained(tmp_path / "ckpt", backbone="reference")
+    assert not (tmp_path / "ckpt" / "backbone").exists()
+    x = segments(1)[0]
+    loaded = LongMemForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    with pytest.raises(LongMemError, match="no path to reference"):
+        LongMemForCausalLM.from_backbone(tiny_backbone("gpt2"), small_config()).save_pretrained(
+            tmp_path / "c2", backbone="reference")

@@ -153,10 +153,10 @@ class MemoryBank:
         """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D)."""
         B, H, Q, k = slots.shape
         S, C, D = self.keys.shape[2], self.spec.chunk_size, self.spec.head_dim
-        flat = slots.reshape(B * H, Q * k)                   # (B*Hkv, Q*k)
-        rows = torch.arange(B * H, device=slots.device)[:, None]
-        keys = self.keys.view(B * H, S, C * D)[rows, flat]   # (B*Hkv, Q*k, C*D)
-        values = self.values.view(B * H, S, C * D)[rows, flat]
+        offsets = torch.arange(B * H, device=slots.device).view(B, H, 1, 1) * S
+        flat = (slots + offsets).reshape(-1)                          # (B*Hkv*Q*k,) rows of the flat table
+        keys = self.keys.view(B * H * S, C * D).index_select(0, flat)  # (B*Hkv*Q*k, C*D)
+        values = self.values.view(B * H * S, C * D).index_select(0, flat)
         return keys.view(B, H, Q, k * C, D), values.view(B, H, Q, k * C, D)
 
     def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,109 @@
+"""`longmem eval report`: result files -> one markdown report with plots (matplotlib, PNG beside it).
+
+Every task's own table is copied verbatim; plots are drawn from the summaries:
+perplexity by document-length bucket, perplexity vs memory size, and the passkey heat-map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longmem.errors import LongMemError
+from longmem.io import read_json, write_bytes
+
+TITLES = {"ppl": "Long-document perplexity", "suffix": "Suffix identification (ChapterBreak-style)",
+          "icl": "Memory-augmented in-context learning", "passkey": "Passkey retrieval"}
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise LongMemError("the report's plots need matplotlib: pip install 'longmem[eval]'") from e
+    return plt
+
+
+def plot_ppl_buckets(summary: dict, path: Path) -> bool:
+    buckets = summary.get("buckets", {})
+    if not buckets:
+        return False
+    plt = _plt()
+    names = list(buckets)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, row in summary["rows"].items():
+        ax.plot(names, [buckets[b]["ppl"][key] for b in names], marker="o", label=row["label"])
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_ppl_memory(summary: dict, path: Path) -> bool:
+    mem = {int(k.rsplit("_", 1)[1]): v["ppl"] for k, v in summary["rows"].items() if k.startswith("longmem_memory_")}
+    if len(mem) < 2:
+        return False
+    plt = _plt()
+    sizes = sorted(mem)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sizes, [mem[s] for s in sizes], marker="o", label="LongMem with memory")
+    ax.axhline(summary["rows"]["longmem_no_memory"]["ppl"], ls="--", c="gray", label="LongMem, memory disabled")
+    ax.axhline(summary["rows"]["backbone"]["ppl"], ls=":", c="black", label="frozen backbone")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory size (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_passkey(summary: dict, path: Path) -> bool:
+    acc = summary.get("accuracy", {}).get("longmem_memory")
+    if not acc:
+        return False
+    plt = _plt()
+    lengths = list(acc)
+    depths = list(next(iter(acc.values())))
+    grid = [[acc[L][d] if acc[L][d] is not None else float("nan") for L in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), lengths, rotation=45)
+    ax.set_yticks(range(len(depths)), depths)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title("passkey accuracy, LongMem with memory")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+PLOTS = {"ppl": [("buckets", plot_ppl_buckets), ("memory", plot_ppl_memory)], "passkey": [("grid", plot_passkey)]}
+
+
+def write_report(results: list[Path], out: Path) -> Path:
+    parts = ["# LongMem evaluation report", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in results:
+        data = read_json(path, "result file")
+        task = data.get("task")
+        if task not in TITLES or data.get("summary") is None:
+            raise LongMemError(f"{path} is not a finished longmem eval result; run the task to completion first")
+        parts += [f"## {TITLES[task]}", "",
+                  f"`{path}` — model `{data['model_fingerprint']}`, data `{data['data_fingerprint']}`, "
+                  f"{len(data['examples'])} examples; config: `{data['config']}`", "", data["table"], ""]
+        for name, plot in PLOTS.get(task, []):
+            png = out.with_name(f"{out.stem}-{task}-{name}.png")
+            if plot(data["summary"], png):
+                parts += [f"![{task} {name}]({png.name})", ""]
+    write_bytes(out, "\n".join(parts).encode())
+    return out

@@ -1,0 +1,141 @@
+"""Scoring a long document segment by segment: every token is predicted exactly once.
+
+A document of N tokens is cut into consecutive segments of T = segment_length inputs; the
+segment starting at s reads inputs ids[s : s+T] and predicts targets ids[s+1 : s+T+1], so
+every token but the first is scored once, always from its own segment's local context. The
+scorers differ only in what else the prediction may see:
+
+- `BackboneScorer`: the frozen backbone alone on the local segment;
+- `LocalScorer`: LongMem with its memory disabled;
+- `MemoryScorer`: LongMem with a memory holding every earlier segment (written after the
+  segment is scored, so no token is ever predicted with itself in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), targets (B, T) -> log p(target) (B, T) in float32."""
+    return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+class Scorer:
+    name = "scorer"
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, prefix: torch.Tensor) -> None:
+        """Called once per document with the (1, P) tokens before the first scored segment."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, T, V)
+        raise NotImplementedError
+
+
+class BackboneScorer(Scorer):
+    name = "backbone"
+
+    def logits(self, x):
+        return self.model.backbone(input_ids=x).logits
+
+
+class LocalScorer(Scorer):
+    name = "longmem_no_memory"
+
+    def logits(self, x):
+        return self.model(x).logits
+
+
+class MemoryScorer(Scorer):
+    name = "longmem_memory"
+
+    def __init__(self, model, memory_size: int | None = None):
+        super().__init__(model)
+        self.memory_size = memory_size
+        self.memory = None
+
+    def start(self, prefix):
+        self.memory = self.model.new_memory(1, memory_size=self.memory_size)
+        if prefix.shape[1]:
+            self.model.memorize(prefix, self.memory)
+
+    def logits(self, x):
+        return self.model(x, memory=self.memory).logits  # retrieves, then writes x
+
+
+@dataclass
+class DocumentScore:
+    logprobs: torch.Tensor  # (n,) log p of every scored target, in document order
+    first_target: int       # document index of the first scored target
+
+    @property
+    def nll(self) -> float:
+        return float(-self.logprobs.mean())
+
+
+@torch.no_grad()
+def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0) -> DocumentScore:
+    """Score targets of the segments starting at or after `score_from` (rounded up to a segment).
+
+    ids: (N,) token ids of one document. Earlier segments only prime the scorer (memorized).
+    """
+    T = scorer.model.config.segment_length
+    N = ids.shape[0]
+    first = -(-score_from // T) * T
+    ids = ids.to(scorer.model.device)[None]  # (1, N)
+    scorer.start(ids[:, :first])
+    out = []
+    for s in range(first, N - 1, T):
+        x, y = ids[:, s:s + T], ids[:, s + 1:s + T + 1]  # inputs (1, t), targets (1, t') with t' <= t
+        lp = target_logprobs(scorer.logits(x)[:, : y.shape[1]], y)
+        out.append(lp[0].cpu())
+    return DocumentScore(torch.cat(out) if out else torch.zeros(0), first + 1)
+
+
+@dataclass
+class ContinuationScores:
+    logprobs: list[torch.Tensor]  # per continuation: (n_i,) log p of each of its tokens, float32 on CPU
+    next_token: torch.Tensor      # (V,) log-probs of the token right after the context
+
+    @property
+    def sums(self) -> list[float]:
+        return [float(lp.sum()) for lp in self.logprobs]
+
+    @property
+    def means(self) -> list[float]:
+        return [float(lp.mean()) for lp in self.logprobs]
+
+
+@torch.no_grad()
+def score_continuations(model, context: list[int], continuations: list[list[int]], memory=None) -> ContinuationScores:
+    """Log-likelihood of each continuation right after `context`, context + continuation in one forward pass.
+
+    With a memory (one row): one pass per continuation with `update_memory=False`, so the memory
+    is read, never written, and every continuation sees the same one. Without: all continuations
+    in one right-padded batch (the padding comes after every scored token, so causal attention
+    never sees it).
+    """
+    P = len(context)
+    assert P >= 1 and continuations and all(continuations), "need a context and non-empty continuations"
+    T = P + max(len(c) for c in continuations)
+    assert T <= model.config.segment_length, (T, model.config.segment_length)
+    dev = model.device
+    if memory is None:
+        rows = [context + c + [c[-1]] * (T - P - len(c)) for c in continuations]
+        logits = model(torch.tensor(rows, device=dev)).logits  # (C, T, V)
+        per_row = [logits[i:i + 1] for i in range(len(rows))]
+    else:
+        assert memory.batch_size == 1
+        per_row = [model(torch.tensor([context + c], device=dev), memory=memory, update_memory=False).logits
+                   for c in continuations]  # each (1, P + n_i, V)
+    logprobs = []
+    for lg, c in zip(per_row, continuations):
+        y = torch.tensor([c], device=dev)                                       # (1, n)
+        logprobs.append(target_logprobs(lg[:, P - 1:P - 1 + len(c)], y)[0].cpu())  # (n,)
+    next_token = torch.log_softmax(per_row[0][0, P - 1].float(), dim=-1).cpu()  # (V,)
+    return ContinuationScores(logprobs, next_token)
