@@ -52,7 +52,8 @@ def save_pretrained(model: "LongMemForCausalLM", path: str | Path, backbone: Lit
         weights = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.sidenet.state_dict().items()}
         save_safetensors(tmp / WEIGHTS_FILE, weights)
         if backbone == "save":
-            state = None if dtype is None else {k: v.to(dtype) for k, v in model.backbone.state_dict().items()}
+            # named_parameters lists a tied weight (embeddings = LM head) once, so it is stored once
+            state = None if dtype is None else {k: v.detach().to(dtype) for k, v in model.backbone.named_parameters()}
             model.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=state, max_shard_size="15MB")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / BACKBONE_DIR)

@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> None:
         print(f"| {labels[name]} | {math.exp(r.nll):.2f} | {math.exp(float(-r.logprobs[far].mean())):.2f} |")
     print(f"\nfar-reference tokens: {int(far.sum()):,} of {len(far):,} scored tokens do not occur in their local "
           f"segment but do occur earlier in the book.")
-    show_generation(model, tok, ids, far, first, T)
+    show_generation(model, tok, ids, far, first, T, results)
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
 
 
@@ -100,12 +100,22 @@ def far_reference_mask(ids: torch.Tensor, first: int, T: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.bool)
 
 
-def show_generation(model, tok, ids, far, first, T) -> None:
+def show_generation(model, tok, ids, far, first, T, results) -> None:
     from longmem.cli import autocast
 
-    hits = far.nonzero().flatten()
-    # the first far-reference token that starts a capitalised word (a name, usually)
-    pick = next((int(i) for i in hits if tok.decode([int(ids[first + int(i)])]).strip()[:1].isupper()), None)
+    hits = far.nonzero().flatten().tolist()
+    counts = torch.bincount(ids, minlength=len(tok))
+
+    def is_name(i: int) -> bool:  # a capitalised word that is rare in the book (a name, usually)
+        token = int(ids[first + i])
+        word = tok.decode([token])
+        if not (word.startswith(" ") and word.strip()[:1].isupper() and word.strip().isalpha()
+                and len(word.strip()) >= 3 and 3 <= int(counts[token]) <= 300):
+            return False
+        lower = tok(word.lower())["input_ids"]  # "You" is just "you" capitalised: not a name
+        return not (len(lower) == 1 and int(counts[lower[0]]) > int(counts[token]))
+    # the first such place in the scored part of the book (not the most favourable one)
+    pick = next((i for i in hits if is_name(i)), None)
     if pick is None:
         return
     pos = first + pick                      # document index of the target token
@@ -114,6 +124,9 @@ def show_generation(model, tok, ids, far, first, T) -> None:
     target = tok.decode([int(ids[pos])])
     print(f"\nexample: the book continues with {target.strip()!r}, which is not in the local segment "
           f"but appears {int((ids[:seg_start] == ids[pos]).sum())} times earlier in the book.")
+    probs = {name: math.exp(float(r.logprobs[pick])) for name, r in results.items()}
+    print(f"probability of {target.strip()!r} there: frozen backbone {probs['backbone']:.2%}, LongMem without "
+          f"memory {probs['longmem_no_memory']:.2%}, with memory {probs['longmem_memory']:.2%}")
     print("prompt (end of the local segment): ..." + tok.decode(prompt[0, -40:].tolist()).replace("\n", " "))
     with torch.no_grad(), autocast(model.device):
         for label, use_memory in (("without memory", False), ("with memory", True)):

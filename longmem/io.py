@@ -94,6 +94,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise LongMemError(f"cannot write {path}: {e.strerror}; check the path and its permissions") from e
     try:
         yield tmp
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp/mkstemp make owner-only modes; use the usual ones
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
         replace_dir(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -147,3 +147,28 @@ def test_cli_reports_user_errors_in_one_line(workspace, tmp_path):
     with contextlib.redirect_stderr(err):
         rc = main(["train", f"backbone={workspace / 'backbone'}", "longmem.memory_layer=9", "stepz=3"])
     assert rc == 2 and "unknown option stepz" in err.getvalue()
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(workspace, monkeypatch):
+    import errno
+
+    from longmem.training import state
+
+    real_save = state.torch.save
+    calls = {"n": 0}
+
+    def disk_full_on_second_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(state.torch, "save", disk_full_on_second_save)
+    with pytest.raises(LongMemError, match=r"step-000002: no space left on the device; free disk space"):
+        train(config(workspace, "full-disk", steps=4, save_interval=1, eval_interval=100))
+    run = workspace / "full-disk"
+    assert (run / "latest").read_text().strip() == "step-000001"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "step-"))) == ["step-000001"]
+    monkeypatch.undo()
+    train(config(workspace, "full-disk", steps=4, save_interval=1, eval_interval=100, resume=True))
+    assert (run / "latest").read_text().strip() == "step-000004"

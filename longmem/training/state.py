@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -220,6 +221,10 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, model: torch.
                 os.fsync(fh.fileno())
         final = run_dir / name
         replace_dir(tmp, final)
+    except OSError as e:
+        why = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
+        raise LongMemError(f"cannot write checkpoint {run_dir / name}: {why}; free disk space and resume "
+                           f"(the previous checkpoint is intact)") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_bytes(run_dir / "latest", f"{name}\n".encode())

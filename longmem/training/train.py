@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,8 +223,11 @@ def train(cfg: TrainConfig) -> dict:
                 for f in staging.iterdir():
                     os.replace(f, folder / f.name)
                 staging.rmdir()
-            save_checkpoint(out_dir, TrainState(step=step, config=dataclasses.asdict(cfg)), model, optimizer,
-                            scheduler, extra=extra)
+            try:
+                save_checkpoint(out_dir, TrainState(step=step, config=dataclasses.asdict(cfg)), model, optimizer,
+                                scheduler, extra=extra)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         if dist.enabled:
             torch.distributed.barrier()
 
