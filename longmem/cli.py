@@ -57,8 +57,9 @@ def cmd_memorize(args) -> None:
     """Read a long text file into a fresh memory and save it (safetensors)."""
     import torch
 
+    text = read_text(args.input)  # check the input before loading the model
     model, tok = load_model(args.model, args.device)
-    ids = torch.tensor([tok(read_text(args.input))["input_ids"]], device=model.device)
+    ids = torch.tensor([tok(text)["input_ids"]], device=model.device)
     memory = model.new_memory(1, memory_size=args.memory_size)
     with torch.no_grad(), autocast(model.device):
         model.memorize(ids, memory, show_progress=True)
@@ -71,10 +72,11 @@ def cmd_generate(args) -> None:
     """Continue a prompt, optionally with a saved memory or a text read into memory first."""
     import torch
 
+    text = read_text(args.memorize) if args.memorize else None  # check the input before loading the model
     model, tok = load_model(args.model, args.device)
     memory = model.load_memory(args.memory) if args.memory else model.new_memory(1)
-    if args.memorize:
-        ids = torch.tensor([tok(read_text(args.memorize))["input_ids"]], device=model.device)
+    if text is not None:
+        ids = torch.tensor([tok(text)["input_ids"]], device=model.device)
         with torch.no_grad(), autocast(model.device):
             model.memorize(ids, memory, show_progress=True)
     prompt = torch.tensor([tok(args.prompt)["input_ids"]], device=model.device)

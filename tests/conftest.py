@@ -39,3 +39,38 @@ def small_config(**kw):
 def model(family):
     from longmem import LongMemForCausalLM
     return LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+
+
+# ---- a tiny saved checkpoint and documents, for the evaluation tasks ----
+DOCS = (("a", 1), ("b", 2), ("c", 1))  # name, repeats of TEXT (122 tokens)
+TEXT = ("The old house stood at the end of the lane. Its windows were dark and its garden was full of weeds. "
+        "Every morning a cat walked along the wall and looked at the door. ")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from test_training_utils import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tok):
+    """A tiny random LongMem checkpoint (Llama backbone, 32-token segments, 64-token memory) with its tokenizer."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=128)
+    from longmem import LongMemForCausalLM
+
+    model = LongMemForCausalLM.from_backbone(LlamaForCausalLM(cfg).eval(), small_config(segment_length=32))
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(path, tokenizer=tok)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    for name, n in DOCS:
+        (root / f"{name}.txt").write_text(TEXT * n)
+    return str(root)

@@ -10,46 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import VOCAB, small_config, tiny_backbone
+from conftest import DOCS, TEXT, VOCAB, small_config, tiny_backbone
 from longmem import LongMemForCausalLM
 from longmem.errors import LongMemError
 from longmem.eval import passkey, ppl
 from longmem.eval.passkey import PasskeyOptions, PasskeyPrompt, build_prompt, key_visibility
 from longmem.eval.ppl import PplOptions, SlidingWindowScorer, bucket_of
 from longmem.eval.scoring import MemoryScorer, score_document
-from test_training_utils import make_tokenizer
-
-DOCS = (("a", 1), ("b", 2), ("c", 1))  # name, repeats of TEXT (122 tokens)
-TEXT = ("The old house stood at the end of the lane. Its windows were dark and its garden was full of weeds. "
-        "Every morning a cat walked along the wall and looked at the door. ")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tok):
-    """A tiny random LongMem checkpoint (Llama backbone, 32-token segments, 64-token memory) with its tokenizer."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=len(tok), max_position_embeddings=128)
-    model = LongMemForCausalLM.from_backbone(LlamaForCausalLM(cfg).eval(), small_config(segment_length=32))
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save_pretrained(path, tokenizer=tok)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("docs")
-    for name, n in DOCS:
-        (root / f"{name}.txt").write_text(TEXT * n)
-    return str(root)
-
 
 def tiny_model():
     return LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config(memory_size=64)).eval()

@@ -9,10 +9,9 @@ from longmem.eval import passkey, ppl
 from longmem.eval.passkey import PasskeyOptions
 from longmem.eval.ppl import PplOptions
 from longmem.eval.report import write_report
-from test_eval_ppl_passkey import checkpoint, docs, tok  # noqa: F401  (fixtures)
 
 
-def test_report_from_ppl_and_passkey(checkpoint, docs, tmp_path):  # noqa: F811
+def test_report_from_ppl_and_passkey(checkpoint, docs, tmp_path):
     pp = ppl.run(PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "ppl.json"), device="cpu",
                             memory_sizes="32,64"))
     pk = passkey.run(PasskeyOptions(model=checkpoint, out=str(tmp_path / "pk.json"), device="cpu",

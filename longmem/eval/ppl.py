@@ -40,7 +40,8 @@ class PplOptions(EvalOptions):
                 "(default: the model's memory_size)"})
     window: int = field(default=0, metadata={
         "help": "sliding-window baseline: the backbone predicts each token from up to this many tokens "
-                "(0: the backbone's max positions, capped at 2x segment_length)"})
+                "(0: segment_length, the context LongMem was trained with; pass the backbone's own trained "
+                "context length if it is longer)"})
     stride: int = field(default=0, metadata={
         "help": "sliding-window baseline: tokens scored per backbone call (0: min(segment_length, window/2))"})
     max_doc_tokens: int = field(default=0, metadata={
@@ -133,7 +134,7 @@ def resolve(opts: PplOptions, model) -> dict:
         if m < C or m % C:
             raise LongMemError(f"--memory-sizes: {m} is not a positive multiple of the model's chunk_size {C}")
     limit = max_positions(model)
-    window = opts.window or min(limit or 2 * T, 2 * T)
+    window = opts.window or T
     if limit is not None and window > limit:
         raise LongMemError(f"--window {window} exceeds the backbone's {limit} positions; use --window {limit} or less")
     if window < 2:
