@@ -18,12 +18,15 @@ import sys
 import time
 
 
-def child(model_path: str, n: int) -> dict:
+def child(model_path: str, n: int, raw_allocator: bool) -> dict:
     import torch
 
     from longmem.cli import autocast, load_model
     from longmem.eval.scoring import MemoryScorer, score_document
+    from longmem.runtime import bound_cpu_allocator
 
+    if not raw_allocator:
+        bound_cpu_allocator()  # what the `longmem` CLI does at start
     model, _ = load_model(model_path, "cpu")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.backbone.config.vocab_size, (n,), generator=g)
@@ -43,16 +46,19 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", default="131072,1048576")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--raw-allocator", action="store_true", help="skip longmem.runtime.bound_cpu_allocator (to see the difference)")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.child)))
+        print(json.dumps(child(args.model, args.child, args.raw_allocator)))
         return
     rows = []
     for n in (int(x) for x in args.tokens.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", str(n)],
+        extra = ["--raw-allocator"] if args.raw_allocator else []
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", str(n), *extra],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"model {args.model}: memory capacity {rows[0]['capacity']:,} tokens; CPU, bf16 autocast\n")
+    print(f"model {args.model}: memory capacity {rows[0]['capacity']:,} tokens; CPU, bf16 autocast; "
+          f"allocator {'glibc default' if args.raw_allocator else 'longmem.runtime.bound_cpu_allocator'}\n")
     print("| document tokens | scored | peak RSS (MiB) | RSS after loading the model (MiB) | memory bank (MiB) | tokens/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -20,14 +20,17 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from longmem import LongMemConfig, LongMemForCausalLM
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    out = []
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin so drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -72,8 +75,9 @@ def main():
         return f
 
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-        base = timed(run_backbone, args.repeats)
-        rows = [(n, timed(run_longmem(n), args.repeats)) for n in sizes]
+        t = timed_interleaved({"backbone": run_backbone, **{n: run_longmem(n) for n in sizes}}, args.repeats)
+        base = t["backbone"]
+        rows = [(n, t[n]) for n in sizes]
     t0 = dict(rows).get(0)
     print(f"device={dev.type} threads={torch.get_num_threads()} backbone: {args.layers} layers, d={args.width}, "
           f"{args.heads} heads, segment {args.segment} tokens; SideNet {model.config.sidenet_layers} layers; "

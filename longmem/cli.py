@@ -287,6 +287,9 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from longmem.runtime import bound_cpu_allocator
+
+    bound_cpu_allocator()  # long CPU runs: keep resident memory flat (see longmem/runtime.py)
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(with_eval_flags=bool(argv) and argv[0] == "eval")
     args = parser.parse_args(argv)

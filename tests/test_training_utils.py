@@ -227,7 +227,7 @@ def test_checkpoint_roundtrip_and_failed_save(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)  # fails after the weights file is written
-    with pytest.raises(OSError):
+    with pytest.raises(LongMemError, match="cannot write checkpoint .*step-000002: disk full"):
         save_checkpoint(tmp_path, TrainState(2, {"pos": 2}, {}), model, opt, sched)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["latest", "step-000001"]

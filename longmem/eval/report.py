@@ -25,23 +25,28 @@ def _plt():
     return plt
 
 
-def plot_ppl_buckets(summary: dict, path: Path) -> bool:
-    buckets = summary.get("buckets", {})
-    if not buckets:
-        return False
-    plt = _plt()
-    names = list(buckets)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, row in summary["rows"].items():
-        ax.plot(names, [buckets[b]["ppl"][key] for b in names], marker="o", label=row["label"])
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("perplexity")
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> bool:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_ppl_buckets(summary: dict, path: Path) -> bool:
+    buckets = summary.get("buckets", {})
+    if not buckets:
+        return False
+    plt = _plt()
+    from longmem.eval.ppl import BUCKETS
+    names = [name for name, _ in BUCKETS if name in buckets]  # short to long (the JSON is key-sorted)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, row in summary["rows"].items():
+        ax.plot(names, [buckets[b]["ppl"][key] for b in names], marker="o", label=row["label"])
+    return _save(plt, fig, ax, path, "document length (tokens)", "perplexity")
 
 
 def plot_ppl_memory(summary: dict, path: Path) -> bool:
@@ -53,16 +58,11 @@ def plot_ppl_memory(summary: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(sizes, [mem[s] for s in sizes], marker="o", label="LongMem with memory")
     ax.axhline(summary["rows"]["longmem_no_memory"]["ppl"], ls="--", c="gray", label="LongMem, memory disabled")
-    ax.axhline(summary["rows"]["backbone"]["ppl"], ls=":", c="black", label="frozen backbone")
+    ax.axhline(summary["rows"]["backbone"]["ppl"], ls=":", c="black", label="frozen backbone, local segment")
+    if "backbone_window" in summary["rows"]:
+        ax.axhline(summary["rows"]["backbone_window"]["ppl"], ls="-.", c="tab:orange", label="frozen backbone, sliding window")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("memory size (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "memory size (tokens)", "perplexity")
 
 
 def plot_passkey(summary: dict, path: Path) -> bool:

@@ -222,7 +222,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, model: torch.
         final = run_dir / name
         replace_dir(tmp, final)
     except OSError as e:
-        why = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
+        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise LongMemError(f"cannot write checkpoint {run_dir / name}: {why}; free disk space and resume "
                            f"(the previous checkpoint is intact)") from e
     finally:
