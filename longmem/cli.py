@@ -14,23 +14,15 @@ from longmem.errors import LongMemError
 
 
 # ---- shared helpers -------------------------------------------------------------------------
-def pick_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LongMemError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
-
-
 def load_model(path: str, device: str = "auto"):
     """A LongMem checkpoint (or 'default') and its tokenizer, ready for inference."""
     from transformers import AutoTokenizer
 
     from longmem.checkpoint import backbone_source
     from longmem.model import LongMemForCausalLM
+    from longmem.training.state import resolve_device
 
-    model = LongMemForCausalLM.from_pretrained(path, device=pick_device(device)).eval()
+    model = LongMemForCausalLM.from_pretrained(path, device=resolve_device(device)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(backbone_source(path))
     except (OSError, ValueError) as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
-from longmem.io import read_json
-from longmem.io import write_json
+from longmem.io import atomic_dir, read_json, write_json
 from longmem.training.state import (MetricsLog, OptimizerConfig, StopOnCtrlC, Throughput, TrainState,
                                     build_optimizer, build_scheduler, check_resumable, latest_checkpoint,
-                                    load_checkpoint, load_tokenizer, progress_bar, replace_dir, resolve_device,
+                                    load_checkpoint, load_tokenizer, progress_bar, resolve_device,
                                     save_checkpoint)
 from longmem.training.streams import RandomWindows
 from longmem.training.tokens import TokenizedCorpus
@@ -171,11 +169,11 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_token
 
 def save_final(model, tokenizer, cfg: PretrainConfig, out_dir: Path) -> Path:
     """`out_dir/final/`: bf16 safetensors shards <= 15 MB, the tokenizer and the run config."""
-    final, tmp = out_dir / "final", out_dir / f".tmp-final-{uuid.uuid4().hex[:8]}"
-    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "pretrain_config.json", dataclasses.asdict(cfg))
-    replace_dir(tmp, final)
+    final = out_dir / "final"
+    with atomic_dir(final) as tmp:  # a failed save leaves no partial folder behind
+        model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "pretrain_config.json", dataclasses.asdict(cfg))
     return final
 
 

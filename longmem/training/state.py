@@ -296,13 +296,13 @@ def load_latest(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer: t
 # ---------------------------------------------------------------- device, tokenizer, Ctrl-C
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; "cpu"; "cuda"."""
+    """"auto" -> CUDA when available, else CPU; "cpu"; "cuda" or "cuda:N"."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LongMemError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
-    if name not in ("cpu", "cuda"):
-        raise LongMemError(f'unknown device "{name}"; use auto, cpu or cuda')
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise LongMemError(f'unknown device "{name}"; use auto, cpu, cuda or cuda:N')
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LongMemError(f"device {name}: no CUDA GPU is visible; use device auto or cpu")
     return torch.device(name)
 
 
