@@ -21,9 +21,8 @@ import time
 def child(model_path: str, n: int, raw_allocator: bool) -> dict:
     import torch
 
-    from longmem.cli import autocast, load_model
     from longmem.eval.scoring import MemoryScorer, score_document
-    from longmem.runtime import bound_cpu_allocator
+    from longmem.runtime import autocast, bound_cpu_allocator, load_model
 
     if not raw_allocator:
         bound_cpu_allocator()  # what the `longmem` CLI does at start

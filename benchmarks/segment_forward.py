@@ -18,6 +18,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from longmem import LongMemConfig, LongMemForCausalLM
+from longmem.runtime import autocast, resolve_device, set_threads
 
 
 def timed_interleaved(fns: dict, repeats: int) -> dict:
@@ -41,10 +42,12 @@ def main():
     ap.add_argument("--segment", type=int, default=1024)
     ap.add_argument("--memory-sizes", default="0,8192,65536")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: longmem's policy, longmem.runtime)")
     args = ap.parse_args()
+    set_threads(args.threads)
     torch.manual_seed(0)
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)
     cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, n_positions=args.segment)
     backbone = GPT2LMHeadModel(cfg).to(dev).eval()
     sizes = [int(s) for s in args.memory_sizes.split(",")]
@@ -74,7 +77,7 @@ def main():
             sync()
         return f
 
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(dev):
         t = timed_interleaved({"backbone": run_backbone, **{n: run_longmem(n) for n in sizes}}, args.repeats)
         base = t["backbone"]
         rows = [(n, t[n]) for n in sizes]

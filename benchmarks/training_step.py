@@ -34,8 +34,10 @@ def run_variant(args) -> dict:
     import torch.nn.functional as F
 
     from longmem import LongMemConfig, LongMemForCausalLM
+    from longmem.runtime import autocast, resolve_device, set_threads
 
-    dev = torch.device(args.device)
+    set_threads(args.threads)
+    dev = resolve_device(args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports, before any model
     torch.manual_seed(0)
     backbone = build_backbone(args.backbone).to(dev)
@@ -65,7 +67,7 @@ def run_variant(args) -> dict:
     times = []
     for i, b in enumerate(batches):
         t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with autocast(dev):
             loss = F.cross_entropy(logits(b[:, :-1]).float().flatten(0, 1), b[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,19 +90,23 @@ def main():
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--memory-size", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: longmem's policy, longmem.runtime)")
     ap.add_argument("--variant", choices=["longmem", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
+    from longmem.runtime import resolve_device, set_threads
+
+    threads = set_threads(args.threads)  # decided once, here: both variants run with the same count
     results = {}
     for variant in ("full", "longmem"):
-        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:] + ["--threads", str(threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     f, l = results["full"], results["longmem"]
-    print(f"device={args.device} threads={torch.get_num_threads()} batch {args.batch} x {args.segment} tokens, "
+    print(f"device={resolve_device(args.device).type} threads={threads} batch {args.batch} x {args.segment} tokens, "
           f"bf16 autocast, AdamW; LongMem memory {args.memory_size:,} tokens per row")
     print()
     print("| | full fine-tuning | LongMem adaptation | ratio (LongMem / full) |")

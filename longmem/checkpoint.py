@@ -17,6 +17,7 @@ import torch
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.io import atomic_dir, read_json, save_safetensors, write_json
+from longmem.runtime import quiet_transformers
 
 if TYPE_CHECKING:
     from longmem.model import LongMemForCausalLM
@@ -33,8 +34,8 @@ def resolve_model_path(path: str | Path) -> Path:
     p = DEFAULT_MODEL if str(path) == "default" else Path(path)
     if not (p / CONFIG_FILE).is_file():
         what = "the shipped default model" if str(path) == "default" else f"{p}"
-        raise LongMemError(f"{what} is not a LongMem checkpoint (no {CONFIG_FILE}); pass a folder written by "
-                           f"save_pretrained or `longmem train`, or 'default'")
+        raise LongMemError(f"{what} is not a LongMem checkpoint (no {CONFIG_FILE}); pass a checkpoint folder "
+                           f"(written by `longmem train` or `longmem export`), or 'default'")
     return p
 
 
@@ -54,16 +55,30 @@ def save_pretrained(model: "LongMemForCausalLM", path: str | Path, backbone: Lit
         if backbone == "save":
             # named_parameters lists a tied weight (embeddings = LM head) once, so it is stored once
             state = None if dtype is None else {k: v.detach().to(dtype) for k, v in model.backbone.named_parameters()}
-            model.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=state, max_shard_size="15MB")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+            with quiet_transformers():  # no "Writing model shards" bar on every save
+                model.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=state, max_shard_size="15MB")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+        fingerprint = model.backbone_fingerprint
+        if backbone == "save" and dtype is not None:  # the weights as saved (rounded to dtype) are what loads
+            fingerprint = _saved_fingerprint(tmp / BACKBONE_DIR)
         write_json(tmp / CONFIG_FILE, {
             "format": FORMAT,
             "config": model.config.to_dict(),
-            "backbone": {"model_type": model.backbone.config.model_type, "fingerprint": model.backbone_fingerprint,
+            "backbone": {"model_type": model.backbone.config.model_type, "fingerprint": fingerprint,
                          "path": ref, "saved": backbone == "save"},
             "extra": extra or {},
         })
+
+
+def _saved_fingerprint(folder: Path) -> str:
+    """The fingerprint `from_pretrained` will compute for the backbone saved in `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    from longmem.backbone import adapter_for
+
+    with quiet_transformers():
+        return adapter_for(AutoModelForCausalLM.from_pretrained(folder, dtype=None)).fingerprint()
 
 
 def backbone_source(path: str | Path) -> str:
@@ -74,26 +89,49 @@ def backbone_source(path: str | Path) -> str:
         return str(path / BACKBONE_DIR)
     ref = info.get("backbone", {}).get("path")
     if not ref:
-        raise LongMemError(f"checkpoint {path} has no backbone/ folder and references none; pass the backbone explicitly")
+        raise LongMemError(f"checkpoint {path} has no backbone/ folder and names no backbone path, so it cannot be "
+                           f"loaded on its own; save it again with its backbone (`longmem export`)")
     return ref
 
 
-def from_pretrained(cls, path: str | Path, backbone=None, device=None, dtype=None) -> "LongMemForCausalLM":
+def from_pretrained(cls, path: str | Path, backbone=None, device=None, dtype=None, *, torch_dtype=None,
+                    device_map=None) -> "LongMemForCausalLM":
+    """Load a checkpoint, HuggingFace style: the model comes back in eval mode.
+
+    dtype / torch_dtype (the HF name; give one of them): a torch dtype or a name ("bfloat16", "bf16",
+    "float32", ...): the whole model (backbone and SideNet) in that dtype; None or "auto": the backbone
+    as saved and the SideNet in its dtype. The backbone is always read as saved first, because its
+    fingerprint is checked on those weights. device / device_map (the HF name): a device, "cpu",
+    "cuda[:N]" or "auto" (CUDA when available); None leaves the model on the CPU.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from longmem.runtime import resolve_device, to_dtype
+
+    dtype = _one_of("dtype", dtype, "torch_dtype", torch_dtype)
+    device = _one_of("device", device, "device_map", device_map)
+    if isinstance(device, dict):
+        raise ValueError("device_map: a LongMem model lives on one device; pass 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if dtype is not None and dtype != "auto":
+        dtype = to_dtype(dtype)
+    if device is not None:
+        device = resolve_device(device)
     path = resolve_model_path(path)
     info = read_json(path / CONFIG_FILE, "LongMem checkpoint config")
     if info.get("format") != FORMAT:
-        raise LongMemError(f"{path / CONFIG_FILE} has format {info.get('format')!r}, expected {FORMAT!r}")
+        raise LongMemError(f"{path / CONFIG_FILE} has format {info.get('format')!r}, expected {FORMAT!r}; "
+                           f"it is not a LongMem checkpoint of this version")
     config = LongMemConfig.from_dict(info["config"])
     if backbone is None:
         from transformers import AutoModelForCausalLM
         src = backbone_source(path)
         try:
-            backbone = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-        except OSError as e:
-            raise LongMemError(f"cannot load the backbone {src} referenced by {path}: {e}") from e
+            with quiet_transformers():  # no "Loading weights" bar on every load
+                backbone = AutoModelForCausalLM.from_pretrained(src, dtype=None)  # None: the weights' own dtype
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise LongMemError(f"cannot load the backbone {src} of checkpoint {path}: it is missing, corrupt or "
+                               f"truncated ({_first_line(e)}); restore that folder from where the checkpoint came from") from e
     model = cls(backbone, config)
     expected = info["backbone"]["fingerprint"]
     if model.backbone_fingerprint != expected:
@@ -107,6 +145,19 @@ def from_pretrained(cls, path: str | Path, backbone=None, device=None, dtype=Non
     if missing or unexpected:
         raise LongMemError(f"{path / WEIGHTS_FILE} does not match the config (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}); the checkpoint is corrupt or from another version")
-    if dtype is not None:
-        model.sidenet.to(dtype)
-    return model.to(device) if device is not None else model
+    if dtype not in (None, "auto"):
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _one_of(name: str, value, hf_name: str, hf_value):
+    if value is not None and hf_value is not None and value != hf_value:
+        raise ValueError(f"pass either {name}= or {hf_name}= (they mean the same), not both")
+    return value if value is not None else hf_value
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

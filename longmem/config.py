@@ -1,6 +1,6 @@
 """`LongMemConfig`: everything that defines a LongMem model besides its backbone's weights.
 
-Defaults follow the published configuration (SPEC §2) scaled to the backbone's depth: a
+Defaults follow the published configuration (the paper's 24-layer model, docs/method.md) scaled to the backbone's depth: a
 24-layer backbone gets memory layer 17, a 12-layer SideNet and memory-augmented SideNet
 layer 8, exactly as in the paper. Fields left as `None` are filled in by `resolve` once the
 backbone's number of layers is known; a resolved config is saved next to every checkpoint.
@@ -9,11 +9,12 @@ backbone's number of layers is known; a resolved config is saved next to every c
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from longmem.errors import LongMemError
 
 MEMORY_DTYPES = ("float16", "bfloat16", "float32")
+"""Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too)."""
 
 
 @dataclass
@@ -34,8 +35,6 @@ class LongMemConfig:
     """Tokens per segment: the local context of one forward pass."""
     memory_dtype: str = "bfloat16"
     """Storage dtype of cached keys/values ("float16", "bfloat16" or "float32")."""
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata (e.g. how the checkpoint was trained); not read by the model."""
 
     def resolve(self, num_layers: int) -> "LongMemConfig":
         """Fill `None` defaults for a backbone of `num_layers` blocks and validate every field."""
@@ -71,6 +70,8 @@ class LongMemConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LongMemConfig":
+        """The inverse of `to_dict`; configs saved with the former, never read `extra` field (always {}) load too."""
+        d = {k: v for k, v in d.items() if k != "extra"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -51,7 +51,7 @@ def load_book(cfg: DemoConfig):
 
 
 def run_demo(cfg: DemoConfig) -> None:
-    from longmem.cli import autocast, load_model
+    from longmem.runtime import autocast, load_model
 
     t0 = time.time()
     model, tok = load_model(cfg.model, cfg.device)
@@ -101,7 +101,7 @@ def far_reference_mask(ids: torch.Tensor, first: int, T: int) -> torch.Tensor:
 
 
 def show_generation(model, tok, ids, far, first, T, results) -> None:
-    from longmem.cli import autocast
+    from longmem.runtime import autocast
 
     hits = far.nonzero().flatten().tolist()
     counts = torch.bincount(ids, minlength=len(tok))

@@ -115,3 +115,30 @@ def replace_dir(src: Path, dst: Path) -> None:
         dst.rename(aside)
     os.replace(src, dst)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike, what: str, kind: str = "file") -> Path:
+    """Fail now, before any work, if `path` cannot be written as a `kind` ("file" or "folder").
+
+    Checks that a file path is not a folder (and a folder path not a file), that its nearest
+    existing ancestor is a folder, and that a file can be created there (a real probe, so
+    read-only file systems and permissions are both caught). Nothing is left behind.
+    """
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise LongMemError(f"{what} {path} is an existing folder; give a file path, e.g. {path / 'out'}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise LongMemError(f"{what} {path} is an existing file; give a folder path")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LongMemError(f"{what} {path} cannot be created: {parent} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".longmem-write-check-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LongMemError(f"{what} {path} is not writable: cannot create a file in {parent} ({e.strerror or e}); "
+                           f"choose a folder you can write to") from e
+    return path

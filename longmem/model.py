@@ -22,8 +22,9 @@ from transformers.utils import ModelOutput
 from longmem.backbone import adapter_for
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
-from longmem.memory import MemoryBank, MemorySpec, Retriever
-from longmem.sidenet import Retrieval, SegmentContext, SideNet
+from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever
+from longmem.runtime import cast_unless_autocast
+from longmem.sidenet import SegmentContext, SideNet
 
 
 @dataclass
@@ -74,11 +75,20 @@ class LongMemForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.sidenet.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The SideNet's parameter dtype, like HF's `model.dtype`."""
+        return next(self.sidenet.parameters()).dtype
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Backbone + SideNet parameters, a tied tensor once (HF's `num_parameters`); only_trainable: the SideNet's."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
     # ---- memory -----------------------------------------------------------------------
     def memory_spec(self, memory_size: int | None = None) -> MemorySpec:
         c, a = self.config, self.adapter
         return MemorySpec(num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, chunk_size=c.chunk_size,
-                          capacity=memory_size or c.memory_size, dtype=c.memory_dtype,
+                          capacity=c.memory_size if memory_size is None else memory_size, dtype=c.memory_dtype,
                           fingerprint=f"{self.backbone_fingerprint}:layer{c.memory_layer}")
 
     def new_memory(self, batch_size: int, memory_size: int | None = None, retriever: Retriever | None = None,
@@ -96,7 +106,8 @@ class LongMemForCausalLM(nn.Module):
             raise LongMemError(f"the memory has {memory.batch_size} rows but the input has {batch_size}; "
                                f"create it with model.new_memory(batch_size={batch_size})")
         if memory.device != self.device:
-            raise LongMemError(f"the memory is on {memory.device} but the model on {self.device}; move one of them")
+            raise LongMemError(f"the memory is on {memory.device} but the model on {self.device}; "
+                               f"move it with memory.to(model.device)")
 
     # ---- forward ----------------------------------------------------------------------
     def _backbone(self, input_ids, attention_mask):
@@ -126,7 +137,7 @@ class LongMemForCausalLM(nn.Module):
                              memory=memory)
         hidden, retrieval = self.sidenet(bb.hidden_states, ctx)  # (B, T, d)
         head = self.adapter.lm_head
-        logits = head(hidden.to(head.weight.dtype) if not torch.is_autocast_enabled(hidden.device.type) else hidden)
+        logits = head(cast_unless_autocast(hidden, head.weight.dtype))
         if memory is not None and update_memory:
             memory.write(bb.memory_keys, bb.memory_values, attention_mask)
         loss = None
@@ -152,21 +163,30 @@ class LongMemForCausalLM(nn.Module):
         return memory
 
     # ---- generation ---------------------------------------------------------------------
+    def split_prompt(self, n: int) -> tuple[int, int]:
+        """How `generate` splits a prompt of n tokens: (memorized prefix, local context) lengths. The prefix is
+        whole segments; 1..segment_length tokens stay in the local context."""
+        if n < 1:
+            raise LongMemError(f"a prompt of {n} tokens: generate needs at least one")
+        seg = self.config.segment_length
+        prefix = (n - 1) // seg * seg
+        return prefix, n - prefix
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample a continuation of input_ids (B, N) -> (B, N + new); temperature 0 is greedy.
 
-        The prompt beyond one segment is memorized first. The local context is at most one
-        segment: when it overflows, its older half is written into memory and dropped.
+        The prompt's whole segments before its last tokens are memorized first (`split_prompt`). The local
+        context is at most one segment: when it overflows, its older half is written into memory and dropped.
         """
         from longmem.generation import sample_next
 
         B, N = input_ids.shape
         memory = memory if memory is not None else self.new_memory(B)
         seg = self.config.segment_length
-        prefix = ((N - 1) // seg) * seg  # leaves 1..seg prompt tokens in the local context
+        prefix, _ = self.split_prompt(N)
         if prefix:
             self.memorize(input_ids[:, :prefix], memory)
         ctx, new = input_ids[:, prefix:], []
@@ -195,6 +215,8 @@ class LongMemForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backbone: nn.Module | None = None,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LongMemForCausalLM":
+                        device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                        **kwargs) -> "LongMemForCausalLM":
+        """Load a checkpoint in eval mode; kwargs: torch_dtype, device_map ("auto" or a device), as in transformers."""
         from longmem.checkpoint import from_pretrained
-        return from_pretrained(cls, path, backbone, device, dtype)
+        return from_pretrained(cls, path, backbone, device, dtype, **kwargs)

@@ -1,4 +1,4 @@
-"""The SideNet: a small trainable network beside the frozen backbone (SPEC §2.1–2.2).
+"""The SideNet: a small trainable network beside the frozen backbone (docs/method.md, "SideNet" and "The memory-augmented layer").
 
 Layer l starts as a copy of backbone block 2l+1 and reads the backbone through the
 cross-network residual  S[l+1] = layer_l(S[l]) + (H[2l+2] - H[2l]),  S[0] = H[0].
@@ -20,14 +20,7 @@ from torch import nn
 
 from longmem.backbone import BackboneAdapter
 from longmem.memory import MemoryBank
-
-
-@dataclass
-class Retrieval:
-    """What the memory-augmented layer retrieved for this segment (for introspection)."""
-    slots: torch.Tensor   # (B, Hkv, G*T, k) chunk slots; query head h = kv head h // G, token t: index (h % G)*T + t
-    valid: torch.Tensor   # (B, Hkv, G*T, k) bool
-    scores: torch.Tensor  # (B, Hkv, G*T, k) search inner products
+from longmem.runtime import cast_unless_autocast
 
 
 @dataclass
@@ -48,7 +41,7 @@ def local_attention(q, k, v, attn_mask, dropout_p):
 
 
 def memory_attention(q, mem_k, mem_v, valid):
-    """Each token attends to its own retrieved tokens, no positions (SPEC §2.2).
+    """Each token attends to its own retrieved tokens, no positions (docs/method.md, "The memory-augmented layer").
 
     q (B, Hq, T, D); mem_k/mem_v (B, Hq, T, K, D); valid (B, Hq, T, K) -> (B, Hq, T, D).
     """
@@ -109,7 +102,7 @@ class MemoryAugmentedLayer(SideNetLayer):
         m = memory_attention(q, mem_k, mem_v, valid)               # (B, Hq, T, D)
         has_memory = (memory.num_chunks > 0).to(a.dtype).view(B, 1, 1, 1)  # rows with an empty bank stay local
         g = torch.sigmoid(self.gate).to(a.dtype).view(1, Hq, 1, 1)
-        return a + has_memory * g * (m - a), Retrieval(found.slots, found.valid, found.scores)
+        return a + has_memory * g * (m - a), found
 
 
 class SideNet(nn.Module):
@@ -131,7 +124,7 @@ class SideNet(nn.Module):
     def forward(self, hidden: tuple[torch.Tensor, ...], ctx: SegmentContext):
         """hidden: the backbone's H[0..L], each (B, T, d) -> final-normed (B, T, d), retrieval."""
         dtype = next(self.parameters()).dtype
-        H = [h.to(dtype) if not torch.is_autocast_enabled(h.device.type) else h for h in hidden]
+        H = [cast_unless_autocast(h, dtype) for h in hidden]
         s, retrieval = H[0], None
         for l, layer in enumerate(self.layers):
             out, r = layer(s, ctx)

@@ -91,3 +91,38 @@ def test_memory_layer_outside_backbone():
 def test_default_config_scales_reference():
     cfg = LongMemConfig().resolve(24)
     assert (cfg.memory_layer, cfg.sidenet_layers, cfg.sidenet_memory_layer, cfg.topk_chunks) == (17, 12, 8, 16)
+
+
+def test_object_without_a_config_is_not_a_backbone():
+    with pytest.raises(LongMemError, match=r"^backbone architecture None is not supported; supported: gpt2, llama, "
+                                           r"mistral, qwen2$"):
+        LongMemForCausalLM.from_backbone(torch.nn.Linear(2, 2), LongMemConfig())
+
+
+@pytest.mark.parametrize("variant", [dict(scale_attn_weights=False), dict(scale_attn_by_inverse_layer_idx=True),
+                                     dict(add_cross_attention=True)])
+def test_unsupported_gpt2_variants_are_refused(variant):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32, **variant)
+    with pytest.raises(LongMemError, match=r"^this GPT-2 variant \(unscaled, layer-scaled or cross attention\) is not "
+                                           r"supported; use a standard GPT-2 configuration$"):
+        LongMemForCausalLM.from_backbone(GPT2LMHeadModel(cfg), LongMemConfig())
+
+
+def test_fingerprint_is_the_documented_hash():
+    """Checkpoints and memories store this hash, so it must not drift: recompute it independently."""
+    import hashlib
+
+    from longmem.backbone import adapter_for
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32))
+    h = hashlib.sha256(b"gpt2")
+    for name, p in sorted(model.state_dict().items()):  # wte has 4,800 values: the sample is its first 4,096
+        values = p.detach().reshape(-1).float()
+        step = max(1, values.numel() // 4096)
+        sample = torch.stack([values[i] for i in range(0, values.numel(), step)][:4096])
+        h.update(name.encode() + str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+    assert adapter_for(model).fingerprint() == h.hexdigest()[:16]

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from longmem import LongMemError, MemoryBank, MemorySpec
+from longmem.memory.bank import checksum
 
 H, D = 2, 8
 
@@ -113,7 +114,8 @@ def test_reset_rows():
 
 def test_save_load_roundtrip(tmp_path):
     mem = bank(capacity=12, chunk=4, dtype="bfloat16")
-    write_stream(mem, [7, 9, 10])
+    write_stream(mem, [7, 9, 6])  # 22 tokens: 5 chunks in a ring of 3 (the next write goes to slot 2), 2 pending
+    assert mem.next_slot.tolist() == [2, 2] and mem.num_pending.tolist() == [2, 2]
     mem.save(tmp_path / "m.safetensors")
     back = MemoryBank.load(tmp_path / "m.safetensors")
     for name in ("num_chunks", "next_slot", "num_pending", "pending_keys"):
@@ -126,6 +128,58 @@ def test_save_load_roundtrip(tmp_path):
     mem.write(more, more)
     back.write(more, more)
     assert torch.equal(mem.tokens(1)[0], back.tokens(1)[0])
+
+
+def test_save_load_mid_ring_with_pending_continues_exactly(tmp_path):
+    """A model's memory saved with its ring position mid-way and tokens pending: after loading, reads, the
+    following writes and the logits of the following segments equal those of the memory that was never saved."""
+    from conftest import VOCAB, small_config, tiny_backbone
+    from longmem import LongMemForCausalLM
+
+    # 8 chunk slots of 2 tokens, and every stored chunk is retrieved (topk_tokens = capacity): the logits depend
+    # on exactly which chunks the memory holds
+    model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"),
+                                             small_config(memory_size=16, chunk_size=2, topk_tokens=16)).eval()
+    with torch.no_grad():
+        model.sidenet.layers[model.config.sidenet_memory_layer].gate.fill_(4.0)  # lean on the memory
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (2, 27), generator=g)
+    mask = torch.ones(2, 27, dtype=torch.long)
+    mask[1, 21:] = 0
+    mem = model.new_memory(2)
+    with torch.no_grad():
+        model.memorize(ids, mem, attention_mask=mask)  # row 0: 27 tokens, row 1: 21
+    assert mem.next_slot.tolist() == [5, 2] and mem.num_pending.tolist() == [1, 1] and mem.sizes.tolist() == [16, 16]
+    mem.save(tmp_path / "m.safetensors")
+    back = model.load_memory(tmp_path / "m.safetensors")
+
+    def same_state(a, b):
+        for row in range(2):
+            for x, y in zip(a.tokens(row), b.tokens(row), strict=True):  # stored tokens in write order
+                assert torch.equal(x, y), row
+            p = int(a.num_pending[row])
+            assert p == int(b.num_pending[row]) and torch.equal(a.pending_keys[row, :p], b.pending_keys[row, :p])
+        assert torch.equal(a.next_slot, b.next_slot) and torch.equal(a.num_chunks, b.num_chunks)
+        q = torch.randn(2, a.spec.num_kv_heads, 5, a.spec.head_dim, generator=g)
+        ra, rb = a.search(q, 8), b.search(q, 8)
+        assert torch.equal(ra.slots, rb.slots) and torch.equal(ra.scores, rb.scores)
+        assert all(torch.equal(x, y) for x, y in zip(a.gather(ra.slots), b.gather(rb.slots), strict=True))
+
+    same_state(mem, back)
+    # the same memory with its ring position, or its pending tokens, lost: what the comparison must tell apart
+    no_slot, no_pending = model.load_memory(tmp_path / "m.safetensors"), model.load_memory(tmp_path / "m.safetensors")
+    no_slot.next_slot.zero_()
+    no_pending.num_pending.zero_()
+    differs = {"no_slot": False, "no_pending": False}
+    with torch.no_grad():
+        for T in (7, 16, 5, 16):  # odd lengths: chunks complete across segments, the ring wraps again
+            x = torch.randint(1, VOCAB, (2, T), generator=g)
+            a, b = model(x, memory=mem).logits, model(x, memory=back).logits  # read, then write
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            same_state(mem, back)
+            for name, broken in (("no_slot", no_slot), ("no_pending", no_pending)):
+                differs[name] |= not torch.allclose(model(x, memory=broken).logits, a)
+    assert differs == {"no_slot": True, "no_pending": True}
 
 
 def test_load_errors(tmp_path):
@@ -148,9 +202,47 @@ def test_load_errors(tmp_path):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["values"] = tensors["values"][:, :1].contiguous()
+    meta["sha256"] = checksum(tensors, meta["spec"] + meta["batch_size"])  # a consistent checksum, for what it sums
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(LongMemError, match="inconsistent contents.*'values' has shape"):
         MemoryBank.load(tmp_path / "bad.safetensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(LongMemError, match="not a longmem memory file"):
         MemoryBank.load(tmp_path / "other.safetensors")
+
+
+def test_tokens_of_an_empty_row_are_empty():
+    mem = bank(capacity=16, chunk=4)
+    write_stream(mem, [6])  # row 0 and 1 each hold one chunk, then row 1 is reset
+    mem.reset(rows=[1])
+    keys, values = mem.tokens(1)
+    assert keys.shape == values.shape == (H, 0, D)
+    assert mem.tokens(0)[0].shape == (H, 4, D)
+
+
+@pytest.mark.parametrize("dtype, score_dtype", [("float16", torch.float32), ("bfloat16", torch.bfloat16),
+                                                ("float32", torch.float32)])
+def test_search_scores_in_the_storage_dtype_except_float16_on_cpu(dtype, score_dtype):
+    """CPUs have no fast float16 matmul: a float16 memory is scored in float32, the others in their own dtype."""
+    mem = bank(capacity=64, chunk=4, dtype=dtype)
+    write_stream(mem, [40])
+    queries = torch.randn(2, H, 5, D)
+    found = mem.search(queries, 3)
+    assert found.scores.dtype == score_dtype
+    stored = mem.chunk_keys[:, :, :10].to(score_dtype)
+    brute = (queries.to(score_dtype) @ stored.transpose(-1, -2)).topk(3, dim=-1)
+    torch.testing.assert_close(found.scores, brute.values, rtol=0, atol=0)
+
+
+def test_search_in_blocks_of_queries_equals_one_block():
+    from longmem.memory import ExactRetriever
+
+    mem = bank(capacity=64, chunk=4)
+    write_stream(mem, [40])
+    queries = torch.randn(2, H, 7, D)
+    whole = mem.search(queries, 4)
+    mem.retriever = ExactRetriever(max_scores=2 * H * 10 * 3)  # 3 queries per block: blocks of 3, 3, 1
+    blocked = mem.search(queries, 4)
+    assert torch.equal(blocked.slots, whole.slots)
+    torch.testing.assert_close(blocked.scores, whole.scores, rtol=1e-6, atol=1e-6)
+    assert blocked.slots.shape == (2, H, 7, 4)

@@ -177,3 +177,16 @@ def test_checkpoint_referencing_backbone_by_path(tmp_path):
     with pytest.raises(LongMemError, match="no path to reference"):
         LongMemForCausalLM.from_backbone(tiny_backbone("gpt2"), small_config()).save_pretrained(
             tmp_path / "c2", backbone="reference")
+
+
+def test_memory_attention_reads_a_lower_precision_memory_in_the_query_dtype():
+    """A bf16 memory read by a float32 SideNet: the memory is upcast, never the query downcast."""
+    from longmem.sidenet import memory_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    mem_k, mem_v = (torch.randn(2, 4, 3, 6, 8, generator=g).bfloat16() for _ in range(2))
+    valid = torch.rand(2, 4, 3, 6, generator=g) > 0.3
+    out = memory_attention(q, mem_k, mem_v, valid)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, memory_attention(q, mem_k.float(), mem_v.float(), valid), rtol=0, atol=0)

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
-from longmem.training.state import MetricsLog
+from longmem.training.metrics import MetricsLog
 from longmem.training.streams import StreamBatcher
 from longmem.training.train import TrainConfig, train
 from test_training_utils import make_tokenizer, stdlib_docs
@@ -152,9 +152,9 @@ def test_cli_reports_user_errors_in_one_line(workspace, tmp_path):
 def test_full_disk_during_checkpoint_keeps_the_previous_one(workspace, monkeypatch):
     import errno
 
-    from longmem.training import state
+    from longmem.training import checkpoints
 
-    real_save = state.torch.save
+    real_save = checkpoints.torch.save
     calls = {"n": 0}
 
     def disk_full_on_second_save(obj, path, *a, **kw):
@@ -163,7 +163,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(workspace, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *a, **kw)
 
-    monkeypatch.setattr(state.torch, "save", disk_full_on_second_save)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full_on_second_save)
     with pytest.raises(LongMemError, match=r"step-000002: no space left on the device; free disk space"):
         train(config(workspace, "full-disk", steps=4, save_interval=1, eval_interval=100))
     run = workspace / "full-disk"

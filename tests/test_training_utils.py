@@ -16,8 +16,10 @@ import torch
 from longmem.errors import LongMemError
 from longmem.training import pretrain as pretrain_mod
 from longmem.training.pretrain import BackboneConfig, PretrainConfig, pretrain
-from longmem.training.state import (MetricsLog, OptimizerConfig, TrainState, build_optimizer, build_scheduler,
-                                    latest_checkpoint, load_config, load_latest, save_checkpoint)
+from longmem.training.checkpoints import TrainState, latest_checkpoint, load_latest, save_checkpoint
+from longmem.training.config_io import load_config
+from longmem.training.metrics import MetricsLog
+from longmem.training.optim import OptimizerConfig, build_optimizer, build_scheduler
 from longmem.training.streams import IGNORE_INDEX, RandomWindows, StreamBatcher
 from longmem.training.tokens import TokenizedCorpus
 

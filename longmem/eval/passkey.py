@@ -24,6 +24,7 @@ import torch
 from longmem.errors import LongMemError
 from longmem.eval.common import (EvalOptions, ResultFile, data_fingerprint, markdown_table, model_fingerprint,
                                  options_dict, parse_list, peak_rss_mib)
+from longmem.memory import held_span
 
 TASK = "passkey"
 FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
@@ -108,10 +109,9 @@ def build_prompt(tok, sentences: list[list[int]], length: int, depth: float, key
 def key_visibility(p: PasskeyPrompt, prefix: int, capacity: int, chunk: int) -> str:
     """Where the key is once `prefix` tokens are memorized: 'local', 'memory', 'partial' or 'evicted'.
 
-    A memory keeps the newest `capacity` tokens of the complete chunks written so far.
+    The memory holds the stream positions `held_span` gives (the bank's own eviction rule).
     """
-    hi = (prefix // chunk) * chunk   # retrievable memory: [lo, hi)
-    lo = hi - min(capacity, hi)
+    lo, hi = held_span(prefix, capacity, chunk)  # retrievable memory: [lo, hi)
     span = range(p.key_start, p.key_end)
     local = sum(i >= prefix for i in span)
     memory = sum(lo <= i < hi for i in span)
@@ -126,12 +126,12 @@ def key_visibility(p: PasskeyPrompt, prefix: int, capacity: int, chunk: int) -> 
 @torch.no_grad()
 def trial(model, tok, p: PasskeyPrompt, memory_size: int, new_tokens: int) -> dict:
     """Greedy answers and the key's log-likelihood, with the memorized prefix and with an empty memory."""
-    from longmem.cli import autocast
+    from longmem.runtime import autocast
 
     T = model.config.segment_length
     ids = torch.tensor([p.ids], device=model.device)     # (1, N)
     N = ids.shape[1]
-    prefix = ((N - 1) // T) * T                          # as in generate: 1..T prompt tokens stay local
+    prefix, _ = model.split_prompt(N)                    # what generate memorizes; the rest stays local
     answer = torch.tensor([encode(tok, p.key)], device=model.device)  # (1, a)
     full = torch.cat([ids, answer], dim=1)               # (1, N + a)
     start = max(prefix, full.shape[1] - T)               # the local segment that scores the answer
@@ -225,7 +225,7 @@ def run(opts: PasskeyOptions) -> dict:
     """Run the (length x depth x trial) grid; resumable; returns the summary."""
     from tqdm.auto import tqdm
 
-    from longmem.cli import load_model
+    from longmem.runtime import load_model
 
     cells = grid(opts)
     model, tok = load_model(opts.model, opts.device)

@@ -1,4 +1,5 @@
-"""`longmem eval ppl`: long-document perplexity, LongMem against its frozen backbone (SPEC §5).
+"""`longmem eval ppl`: long-document perplexity, LongMem against its frozen backbone (the paper's
+long-context language modelling experiment; results in the README, Evaluation).
 
 Every document is cut into segments of the model's `segment_length` and every token but the
 first is scored exactly once (`scoring.score_document`). All rows score the same targets:
@@ -168,7 +169,7 @@ def load_tokenized(opts: PplOptions, tok) -> list[tuple[str, str, list[int]]]:
 @torch.no_grad()
 def score_one(model, rows: list[Row], ids: list[int]) -> dict:
     """One document through every row: summed NLL per row, plus what it cost."""
-    from longmem.cli import autocast
+    from longmem.runtime import autocast
 
     x = torch.tensor(ids)
     nll, seconds, memory = {}, {}, {}
@@ -222,7 +223,7 @@ def run(opts: PplOptions) -> dict:
     """Score the documents of `opts.data` with every row; resumable; returns the summary."""
     from tqdm.auto import tqdm
 
-    from longmem.cli import load_model
+    from longmem.runtime import load_model
 
     model, tok = load_model(opts.model, opts.device)
     resolved = resolve(opts, model)

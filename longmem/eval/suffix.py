@@ -189,7 +189,7 @@ def run(opts: SuffixOptions) -> dict:
     """Suffix identification over the chapter boundaries of the dev books (or the user's books) in --data."""
     from tqdm.auto import tqdm
 
-    from longmem.cli import autocast, load_model
+    from longmem.runtime import autocast, load_model
     from longmem.data.documents import load_documents
 
     model, tok = load_model(opts.model, opts.device)

@@ -1,6 +1,6 @@
 """The long-term memory: a per-row chunked FIFO bank and its retrieval backends."""
 
-from longmem.memory.bank import MemoryBank, MemorySpec
-from longmem.memory.retrieval import ExactRetriever, Retriever, SearchResult
+from longmem.memory.bank import MemoryBank, MemorySpec, held_span
+from longmem.memory.retrieval import ExactRetriever, Retriever, Retrieval
 
-__all__ = ["MemoryBank", "MemorySpec", "ExactRetriever", "Retriever", "SearchResult"]
+__all__ = ["MemoryBank", "MemorySpec", "held_span", "ExactRetriever", "Retriever", "Retrieval"]

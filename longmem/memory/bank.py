@@ -7,12 +7,20 @@ retrievable until their chunk completes); padding is never written. When a row i
 oldest chunks are overwritten, so a row always holds exactly its most recent `capacity`
 chunked tokens. Storage grows on demand up to capacity, so a short memory costs little.
 
+A row's *stream* is every token written into it since its last reset (padding excluded); the
+row counts them (`written`), and its stored chunks are the complete chunks of the stream's
+newest `capacity` chunked tokens (`held_span`, the one statement of the eviction rule).
+
+Banks are values: `to`, `select`, `stack` and `split` return new banks, so single-sequence
+memories can be batched (`MemoryBank.stack([a, b])`) and unbatched (`bank.split()`).
+
 Shapes: B rows, Hkv key/value heads, S chunk slots, C chunk_size, D head dim, T tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +28,35 @@ from typing import Iterable
 
 import torch
 
+from longmem.config import MEMORY_DTYPES
 from longmem.errors import LongMemError
 from longmem.io import save_safetensors
-from longmem.memory.retrieval import ExactRetriever, Retriever, SearchResult
+from longmem.memory.retrieval import ExactRetriever, Retrieval, Retriever
 
-FORMAT = "longmem.memory/1"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FORMAT = "longmem.memory/2"        # + `written` per row and a sha256 of the tensor bytes
+LEGACY_FORMAT = "longmem.memory/1"  # still read: no checksum to verify, `written` rebuilt from the counters
+STATE = ("keys", "values", "chunk_keys", "num_chunks", "next_slot", "pending_keys", "pending_values", "num_pending",
+         "written")  # every tensor that makes up a bank's contents
+
+
+def held_span(written: int, capacity: int, chunk_size: int) -> tuple[int, int]:
+    """Stream positions [start, end) a row holds retrievable after `written` tokens: the complete chunks, and of
+    them the newest `capacity` tokens (the FIFO rule; the bank counts its chunks with it)."""
+    end = written // chunk_size * chunk_size
+    return max(0, end - capacity), end
+
+
+def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
+    """sha256 of `header` and the tensors' bytes, taken in name order (what `save` stores and `load` verifies)."""
+    h = hashlib.sha256(header.encode())
+    for name in sorted(tensors):
+        h.update(tensors[name].view(torch.uint8).numpy().tobytes())  # logical (C) order, contiguous or not
+    return h.hexdigest()
+
+
+def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, Hkv, S, ...) -> (B, Hkv, slots, ...), zero-filled past S."""
+    return torch.cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
 
 
 @dataclass(frozen=True)
@@ -52,10 +83,12 @@ class MemoryBank:
                  retriever: Retriever | None = None):
         if spec.capacity % spec.chunk_size:
             raise LongMemError(f"memory capacity {spec.capacity} must be a multiple of chunk_size {spec.chunk_size}")
+        if spec.dtype not in MEMORY_DTYPES:
+            raise LongMemError(f"memory dtype {spec.dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
         self.spec = spec
         self.batch_size = batch_size
         self.retriever = retriever or ExactRetriever()
-        self.dtype = DTYPES[spec.dtype]
+        self.dtype = getattr(torch, spec.dtype)
         B, H, C, D = batch_size, spec.num_kv_heads, spec.chunk_size, spec.head_dim
         self.max_chunks = spec.capacity // C
         self.keys = torch.empty(B, H, 0, C, D, dtype=self.dtype, device=device)    # (B, Hkv, S, C, D)
@@ -66,6 +99,7 @@ class MemoryBank:
         self.pending_keys = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)    # (B, C, Hkv, D)
         self.pending_values = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)  # (B, C, Hkv, D)
         self.num_pending = torch.zeros(B, dtype=torch.long, device=device)
+        self.written = torch.zeros(B, dtype=torch.long, device=device)  # tokens written per row since its reset
 
     # ---- sizes --------------------------------------------------------------------
     @property
@@ -74,7 +108,7 @@ class MemoryBank:
 
     @property
     def sizes(self) -> torch.Tensor:
-        """(B,) retrievable tokens per row (pending tokens not counted)."""
+        """(B,) retrievable tokens held by each row (pending tokens not counted); `written` counts all tokens."""
         return self.num_chunks * self.spec.chunk_size
 
     @property
@@ -82,7 +116,8 @@ class MemoryBank:
         return int(self.num_chunks.max())
 
     def __len__(self) -> int:
-        """Retrievable tokens in the fullest row."""
+        """Retrievable tokens in the fullest row (so after `reset(rows=[0])` it still counts the other rows);
+        `sizes` gives every row's."""
         return int(self.sizes.max())
 
     def nbytes(self) -> int:
@@ -98,8 +133,8 @@ class MemoryBank:
         if needed <= S:
             return
         new = min(self.max_chunks, max(needed, 2 * S, 64))
-        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], new - S, *t.shape[3:])], dim=2)
-        self.keys, self.values, self.chunk_keys = pad(self.keys), pad(self.values), pad(self.chunk_keys)
+        self.keys, self.values, self.chunk_keys = (_pad_slots(t, new) for t in
+                                                   (self.keys, self.values, self.chunk_keys))
 
     @torch.no_grad()
     def write(self, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
@@ -114,6 +149,7 @@ class MemoryBank:
             if attention_mask is not None:
                 keep = attention_mask[b].to(self.device).bool()
                 k, v = k[keep], v[keep]
+            self.written[b] += k.shape[0]
             p = int(self.num_pending[b])
             k = torch.cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
             v = torch.cat([self.pending_values[b, :p], v])
@@ -133,19 +169,68 @@ class MemoryBank:
             self.values[b][:, slots] = cv
             self.chunk_keys[b][:, slots] = ck.float().mean(dim=2).to(self.dtype)  # (Hkv, n, D)
             self.next_slot[b] = (self.next_slot[b] + n_new) % self.max_chunks
-            self.num_chunks[b] = min(self.max_chunks, int(self.num_chunks[b]) + n_new)
+            start, end = held_span(int(self.written[b]), self.spec.capacity, C)
+            self.num_chunks[b] = (end - start) // C
+
+    def _rows(self, rows: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        """Row indices, or a bool mask of batch_size entries -> (n,) int64 indices, checked to be in range."""
+        idx = rows if torch.is_tensor(rows) else torch.as_tensor(list(rows))
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.batch_size,):
+                raise LongMemError(f"a row mask needs {self.batch_size} entries (one per row), not {tuple(idx.shape)}")
+            idx = idx.nonzero()
+        idx = idx.to(self.device, torch.long).flatten()
+        bad = (idx < 0) | (idx >= self.batch_size)
+        if bool(bad.any()):
+            raise LongMemError(f"row {int(idx[bad][0])} is out of range: this memory has rows 0..{self.batch_size - 1}")
+        return idx
 
     def reset(self, rows: Iterable[int] | torch.Tensor | None = None) -> None:
-        """Forget everything in `rows` (all rows when None)."""
-        idx = slice(None) if rows is None else torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows,
-                                                                  dtype=torch.long, device=self.device)
-        if torch.is_tensor(idx) and idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        for t in (self.num_chunks, self.next_slot, self.num_pending):
+        """Forget everything in `rows` (indices, or a bool mask over the rows; all rows when None)."""
+        idx = slice(None) if rows is None else self._rows(rows)
+        for t in (self.num_chunks, self.next_slot, self.num_pending, self.written):
             t[idx] = 0
 
+    # ---- banks as values -----------------------------------------------------------------
+    def _derived(self, batch_size: int, state) -> "MemoryBank":
+        """A new bank with this spec and retriever whose tensors (all of STATE) are state(name, tensor)."""
+        bank = type(self)(self.spec, batch_size, retriever=self.retriever)
+        for name in STATE:
+            setattr(bank, name, state(name, getattr(self, name)))
+        return bank
+
+    def to(self, device: torch.device | str) -> "MemoryBank":
+        """A copy of this bank on `device` (same spec, retriever and contents)."""
+        return self._derived(self.batch_size, lambda name, t: t.to(device, copy=True))
+
+    def select(self, rows: Iterable[int] | torch.Tensor) -> "MemoryBank":
+        """A new bank of the given rows (indices, repeats allowed, or a bool mask), in that order; copies."""
+        idx = self._rows(rows)
+        return self._derived(len(idx), lambda name, t: t[idx])
+
+    def split(self) -> list["MemoryBank"]:
+        """One single-row bank per row (copies): the inverse of `stack`."""
+        return [self.select([b]) for b in range(self.batch_size)]
+
+    @classmethod
+    def stack(cls, banks: Iterable["MemoryBank"]) -> "MemoryBank":
+        """One bank holding the rows of `banks` in order (copies, with the first bank's retriever); they must
+        share spec and device. Their storage is zero-padded to the largest (slots past a row's chunks are unused)."""
+        banks = list(banks)
+        if not banks:
+            raise LongMemError("MemoryBank.stack needs at least one bank")
+        first = banks[0]
+        for other in banks[1:]:
+            if (other.spec, other.device) != (first.spec, first.device):
+                raise LongMemError(f"cannot stack memories of different specs or devices ({other.spec} on "
+                                   f"{other.device} vs {first.spec} on {first.device}); build them with one model")
+        slots = max(b.keys.shape[2] for b in banks)
+        sized = lambda name, t: _pad_slots(t, slots) if name in ("keys", "values", "chunk_keys") else t
+        return first._derived(sum(b.batch_size for b in banks),
+                              lambda name, _: torch.cat([sized(name, getattr(b, name)) for b in banks]))
+
     # ---- read -----------------------------------------------------------------------
-    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int) -> Retrieval:
         """queries (B, Hkv, Q, D) -> the top-k chunk slots per query (k clipped to what is stored)."""
         return self.retriever.search(self, queries, min(k, self.slots_in_use))
 
@@ -162,25 +247,32 @@ class MemoryBank:
     def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s stored keys and values in write order (oldest first): (Hkv, N, D) each."""
         n, start = int(self.num_chunks[row]), int(self.next_slot[row])
-        order = (start - n + torch.arange(n)) % self.max_chunks if n else torch.zeros(0, dtype=torch.long)
-        order = order.to(self.device)
+        order = (start - n + torch.arange(n, device=self.device)) % self.max_chunks  # (n,) slots, oldest first
         H, D = self.spec.num_kv_heads, self.spec.head_dim
         return self.keys[row][:, order].reshape(H, -1, D), self.values[row][:, order].reshape(H, -1, D)
 
+    def chunk_positions(self, row: int) -> torch.Tensor:
+        """(n,) stream position of each stored chunk's first token, in write order (the order of `tokens`)."""
+        start, end = held_span(int(self.written[row]), self.spec.capacity, self.spec.chunk_size)
+        return torch.arange(start, end, self.spec.chunk_size)
+
     # ---- persistence ------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write the bank atomically as safetensors with the spec in the metadata header."""
+        """Write the bank atomically as safetensors; the header holds the spec and a checksum of the tensors."""
         S = self.slots_in_use
-        tensors = {"keys": self.keys[:, :, :S], "values": self.values[:, :, :S], "chunk_keys": self.chunk_keys[:, :, :S],
-                   "num_chunks": self.num_chunks, "next_slot": self.next_slot, "pending_keys": self.pending_keys,
-                   "pending_values": self.pending_values, "num_pending": self.num_pending}
+        tensors = {name: getattr(self, name).cpu() for name in STATE}
+        tensors.update({name: tensors[name][:, :, :S] for name in ("keys", "values", "chunk_keys")})
         meta = {"format": FORMAT, "spec": json.dumps(dataclasses.asdict(self.spec)), "batch_size": str(self.batch_size)}
-        save_safetensors(path, {k: v.cpu() for k, v in tensors.items()}, metadata=meta)
+        meta["sha256"] = checksum(tensors, meta["spec"] + meta["batch_size"])
+        save_safetensors(path, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", expect: MemorySpec | None = None,
              retriever: Retriever | None = None) -> "MemoryBank":
-        """Load a bank saved by `save`; `expect` (a model's `memory_spec()`) checks it belongs to that model."""
+        """Load a bank saved by `save`; `expect` (a model's `memory_spec()`) checks it belongs to that model.
+
+        The checksum of the tensor bytes is verified. Files of the previous format (`LEGACY_FORMAT`) load without
+        that check, and their chunk positions count from the oldest chunk they hold (`written` was not saved)."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -192,11 +284,17 @@ class MemoryBank:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LongMemError(f"memory file {path} is corrupt or truncated ({e}); re-create it with memorize") from e
-        if meta.get("format") != FORMAT:
-            raise LongMemError(f"{path} is not a longmem memory file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        fmt = meta.get("format")
+        if fmt not in (FORMAT, LEGACY_FORMAT):
+            raise LongMemError(f"{path} is not a longmem memory file (format {fmt!r}, expected {FORMAT!r})")
         try:
+            if fmt == FORMAT and meta.get("sha256") != checksum(tensors, meta["spec"] + meta["batch_size"]):
+                raise LongMemError(f"memory file {path} fails its checksum: its bytes changed since it was saved; "
+                                   f"re-create it with memorize")
             spec = MemorySpec(**json.loads(meta["spec"]))
             bank = cls(spec, int(meta["batch_size"]), device, retriever)
+            if fmt == LEGACY_FORMAT:
+                tensors["written"] = tensors["num_chunks"] * spec.chunk_size + tensors["num_pending"]
             bank._restore(tensors)
         except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
             raise LongMemError(f"memory file {path} has inconsistent contents ({e or type(e).__name__}); "
@@ -210,7 +308,7 @@ class MemoryBank:
         S = t["keys"].shape[2]
         expected = {"keys": (B, H, S, C, D), "values": (B, H, S, C, D), "chunk_keys": (B, H, S, D),
                     "num_chunks": (B,), "next_slot": (B,), "pending_keys": (B, C, H, D),
-                    "pending_values": (B, C, H, D), "num_pending": (B,)}
+                    "pending_values": (B, C, H, D), "num_pending": (B,), "written": (B,)}
         for name, shape in expected.items():
             if name not in t:
                 raise KeyError(f"missing tensor {name!r}")
@@ -222,5 +320,5 @@ class MemoryBank:
         self.keys[:, :, :S] = t["keys"].to(self.device, self.dtype)
         self.values[:, :, :S] = t["values"].to(self.device, self.dtype)
         self.chunk_keys[:, :, :S] = t["chunk_keys"].to(self.device, self.dtype)
-        for name in ("num_chunks", "next_slot", "num_pending", "pending_keys", "pending_values"):
+        for name in ("num_chunks", "next_slot", "num_pending", "pending_keys", "pending_values", "written"):
             getattr(self, name).copy_(t[name])

@@ -20,14 +20,19 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SearchResult:
+class Retrieval:
+    """The chunks found for each query: what `search` returns and `LongMemOutput.retrieval` reports.
+
+    Every field is (B, Hkv, Q, k). In the model's output Q = G*T (G query heads per key/value
+    head, T tokens): query head h searches kv head h // G, and its token t is at index (h % G)*T + t.
+    """
     slots: torch.Tensor   # (B, Hkv, Q, k) int64 chunk slots in the bank
     valid: torch.Tensor   # (B, Hkv, Q, k) bool: False where the row holds fewer than k chunks
     scores: torch.Tensor  # (B, Hkv, Q, k) inner products (-inf where not valid)
 
 
 class Retriever(Protocol):
-    def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> SearchResult: ...
+    def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval: ...
 
 
 class ExactRetriever:
@@ -41,7 +46,7 @@ class ExactRetriever:
     def __init__(self, max_scores: int = 1 << 25):
         self.max_scores = max_scores  # score elements materialised at once
 
-    def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> SearchResult:
+    def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
         B, Hkv, Q, D = queries.shape
         S = bank.slots_in_use
         assert k <= S, (k, S)
@@ -61,4 +66,4 @@ class ExactRetriever:
             out_scores.append(top.values)
             out_slots.append(top.indices)
         scores = torch.cat(out_scores, dim=2)  # (B, Hkv, Q, k)
-        return SearchResult(torch.cat(out_slots, dim=2), torch.isfinite(scores), scores)
+        return Retrieval(torch.cat(out_slots, dim=2), torch.isfinite(scores), scores)

@@ -1,2 +1,4 @@
-"""Training: token caches, data order (streams, random windows), checkpoints, and the
-backbone pretraining loop. The adaptation trainer reuses `state`, `streams` and `tokens`."""
+"""Training: token caches (`tokens`), data order (`streams`), one adaptation step (`step`), the
+backbone pretraining loop (`pretrain`) and the adaptation trainer (`train`), built from small
+modules by concern: `optim`, `config_io`, `checkpoints`, `metrics`, `interrupt`. Device and
+precision come from `longmem.runtime`."""

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from longmem.errors import LongMemError
 from longmem.io import atomic_dir, read_json, write_json
-from longmem.training.state import (MetricsLog, OptimizerConfig, StopOnCtrlC, Throughput, TrainState,
-                                    build_optimizer, build_scheduler, check_resumable, latest_checkpoint,
-                                    load_checkpoint, load_tokenizer, progress_bar, resolve_device,
-                                    save_checkpoint)
+from longmem.runtime import autocast, load_tokenizer, quiet_transformers, resolve_device, set_threads
+from longmem.training.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from longmem.training.config_io import check_resumable
+from longmem.training.interrupt import StopOnCtrlC
+from longmem.training.metrics import MetricsLog, Throughput, progress_bar
+from longmem.training.optim import OptimizerConfig, build_optimizer, build_scheduler
 from longmem.training.streams import RandomWindows
 from longmem.training.tokens import TokenizedCorpus
 
@@ -99,7 +101,7 @@ class PretrainConfig:
     dtype: str = "bf16"
     """Autocast dtype: "bf16" (weights stay fp32) or "fp32" (no autocast)."""
     threads: int = 0
-    """CPU threads for torch (0 = torch's default)."""
+    """CPU threads (0 = keep the process's setting: `longmem` applies longmem.runtime's default policy)."""
     resume: bool = False
     """Continue the newest checkpoint in out_dir; without it, a run folder with checkpoints is an error."""
 
@@ -161,7 +163,7 @@ def evaluate(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_token
     for i in range(0, n, batch_size):
         idx = starts[i : i + batch_size, None] + np.arange(seq_len + 1)  # (b, T+1)
         x = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with autocast(device, dtype):
             total += lm_loss(model, x).item() * len(idx)
     model.train()
     return total / n
@@ -171,8 +173,9 @@ def save_final(model, tokenizer, cfg: PretrainConfig, out_dir: Path) -> Path:
     """`out_dir/final/`: bf16 safetensors shards <= 15 MB, the tokenizer and the run config."""
     final = out_dir / "final"
     with atomic_dir(final) as tmp:  # a failed save leaves no partial folder behind
-        model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="15MB")
+            tokenizer.save_pretrained(tmp)
         write_json(tmp / "pretrain_config.json", dataclasses.asdict(cfg))
     return final
 
@@ -183,8 +186,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     if cfg.dtype not in ("bf16", "fp32"):
         raise LongMemError(f'unknown dtype "{cfg.dtype}"; use bf16 or fp32')
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        set_threads(cfg.threads)
     device, out_dir = resolve_device(cfg.device), Path(cfg.out_dir)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -223,7 +226,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 for _ in range(cfg.grad_accum):
                     x = sampler.batch(state.data["next_batch"]).to(device, non_blocking=True)  # (B, T+1)
                     state.data["next_batch"] += 1
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                    with autocast(device, cfg.dtype):
                         micro = lm_loss(model, x)
                     (micro / cfg.grad_accum).backward()
                     loss_sum += micro.detach()

@@ -1,5 +1,6 @@
-"""Data order: Transformer-XL streams for adaptation training (SPEC §2.4) and random
-windows for backbone pretraining. Both are deterministic for a seed and resume exactly.
+"""Data order: Transformer-XL streams for adaptation training (docs/method.md, "Training data
+order") and random windows for backbone pretraining. Both are deterministic for a seed and
+resume exactly.
 
 Shape letters: B = rows (streams) per rank, T = segment length.
 

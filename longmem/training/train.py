@@ -1,9 +1,9 @@
-"""Memory-augmented adaptation training (SPEC §2): frozen backbone, trainable SideNet, per-row memory.
+"""Memory-augmented adaptation training (docs/method.md): frozen backbone, trainable SideNet, per-row memory.
 
     cfg = load_config(TrainConfig, "configs/default-longmem.json", ["steps=100"])
     train(cfg)                       # -> out_dir/final/ (a LongMem checkpoint)
 
-Batches are Transformer-XL streams (SPEC §2.4): row j of consecutive steps reads consecutive
+Batches are Transformer-XL streams (docs/method.md, "Training data order"): row j of consecutive steps reads consecutive
 segments of one document, so row j's memory holds that document's earlier part; a row's
 memory is reset when it starts a new document. Every `save_interval` steps (and on Ctrl-C)
 a checkpoint holds the SideNet, optimizer, scheduler, data position, RNG *and every row's
@@ -18,24 +18,28 @@ import dataclasses
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.io import read_json, write_json
-from longmem.training.state import (MetricsLog, OptimizerConfig, StopOnCtrlC, Throughput, TrainState,
-                                    build_optimizer, build_scheduler, check_resumable, latest_checkpoint,
-                                    load_checkpoint, load_tokenizer, progress_bar, resolve_device, save_checkpoint)
-from longmem.training.streams import IGNORE_INDEX, StreamBatcher
+from longmem.runtime import autocast, load_tokenizer, quiet_transformers, resolve_device, set_threads
+from longmem.training.checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from longmem.training.config_io import check_resumable
+from longmem.training.interrupt import StopOnCtrlC
+from longmem.training.metrics import MetricsLog, Throughput, progress_bar
+from longmem.training.optim import OptimizerConfig, build_optimizer, build_scheduler
+from longmem.training.step import next_token_loss, train_step
+from longmem.training.streams import StreamBatcher
 from longmem.training.tokens import TokenizedCorpus
 
 
 def adaptation_optim() -> OptimizerConfig:
-    # SPEC §2: Adam(0.9, 0.98, eps 1e-6), lr 2e-4, polynomial decay, weight decay 0.01
+    # the paper's adaptation settings: Adam(0.9, 0.98, eps 1e-6), lr 2e-4, polynomial decay, weight decay 0.01
     return OptimizerConfig(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, grad_clip=1.0,
                            warmup_steps=100, min_lr_ratio=0.0, decay="polynomial")
 
@@ -55,7 +59,7 @@ class TrainConfig:
     longmem: LongMemConfig = field(default_factory=LongMemConfig)
     """The LongMem model: memory_layer, memory_size, chunk_size, topk_tokens, segment_length, ..."""
     optim: OptimizerConfig = field(default_factory=adaptation_optim)
-    """AdamW and learning-rate schedule (SPEC values by default)."""
+    """AdamW and learning-rate schedule (the paper's adaptation values by default)."""
     min_document_chars: int = 0
     """Train and evaluate only on documents at least this long (memory matters on long documents)."""
     batch_size: int = 4
@@ -75,19 +79,13 @@ class TrainConfig:
     dtype: str = "bf16"
     """Autocast dtype: "bf16" (SideNet weights stay fp32) or "fp32"."""
     threads: int = 0
-    """CPU threads per process (0 = torch's default)."""
+    """CPU threads per process (0 = keep the process's setting: `longmem` applies longmem.runtime's default policy)."""
     resume: bool = False
     """Continue the newest checkpoint in out_dir."""
 
 
 RESUMABLE_CHANGES = {"data_dir", "dev_dir", "token_cache_dir", "out_dir", "steps", "eval_interval", "eval_segments",
                      "save_interval", "device", "threads", "resume"}
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """logits (B, T, V) against already-shifted targets (B, T) (IGNORE_INDEX skipped)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
 
 
 @dataclass
@@ -107,6 +105,7 @@ class Distributed:
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from longmem.model import LongMemForCausalLM
@@ -114,9 +113,11 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if not Path(cfg.backbone).is_dir():
         raise LongMemError(f"backbone folder not found: {cfg.backbone}; pretrain one (`longmem pretrain`) or set backbone")
     try:
-        backbone = AutoModelForCausalLM.from_pretrained(cfg.backbone, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise LongMemError(f"cannot load the backbone from {cfg.backbone}: {e}") from e
+        with quiet_transformers():  # no "Loading weights" bar
+            backbone = AutoModelForCausalLM.from_pretrained(cfg.backbone, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise LongMemError(f"cannot load the backbone from {cfg.backbone} ({' '.join(str(e).split())}); it is "
+                           f"missing, corrupt or truncated: restore it or point backbone to another folder") from e
     return LongMemForCausalLM.from_backbone(backbone, cfg.longmem).to(device)
 
 
@@ -137,7 +138,7 @@ def evaluate(model, corpus: TokenizedCorpus, cfg: TrainConfig, device) -> dict[s
             break
         x, y, mask = batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device)
         memory.reset(rows=batch.new_document.nonzero().flatten().tolist())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with autocast(device, cfg.dtype):
             sums["backbone"] += next_token_loss(model.backbone(input_ids=x, attention_mask=mask).logits, y, "sum").item()
             sums["no_memory"] += next_token_loss(model(x, attention_mask=mask).logits, y, "sum").item()
             sums["memory"] += next_token_loss(model(x, memory=memory, attention_mask=mask).logits, y, "sum").item()
@@ -175,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         device = resolve_device(cfg.device)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None and not cfg.resume:
@@ -185,6 +186,7 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
+    torch.manual_seed(cfg.seed + dist.rank)  # the same SideNet everywhere, a different dropout stream per rank
     tokenizer = load_tokenizer(cfg.backbone)
     seg = model.config.segment_length
     corpus = load_corpus(cfg.data_dir, "train", tokenizer, cfg)
@@ -238,17 +240,8 @@ def train(cfg: TrainConfig) -> dict:
     with StopOnCtrlC() as stop:
         while step < cfg.steps:
             batch = next(batcher)
-            x, y, mask = batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device)
-            memory.reset(rows=batch.new_document.nonzero().flatten().tolist())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                out = run(x, memory=memory, attention_mask=mask)
-                loss = next_token_loss(out.logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.sidenet.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(run, batch, memory, optimizer, scheduler, device, grad_clip=cfg.optim.grad_clip,
+                              bf16=cfg.dtype == "bf16")
             step += 1
             tok_s = speed.update(batch.num_targets * dist.world_size)
             if is_main:
@@ -287,4 +280,12 @@ def replica_difference(model) -> float:
     flat = torch.cat([p.detach().float().flatten() for p in model.sidenet.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(td.get_world_size())]
     td.all_gather(gathered, flat)
-    return max(float((g - flat).abs().max()) for g in gathered)
+    diff = max(float((g - flat).abs().max()) for g in gathered)
+    # A gloo worker thread can still hold these tensors for a moment after the collective completed. If it drops
+    # the last reference only once the interpreter is shutting down (this runs just before the process exits),
+    # freeing them needs the GIL and the process aborts ("terminate called without an active exception",
+    # SIGABRT): keep them alive until gloo has let go.
+    deadline = time.monotonic() + 10.0
+    while any(t._use_count() > 1 for t in (flat, *gathered)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return diff

@@ -1,0 +1,42 @@
+"""One memory-augmented adaptation step (docs/method.md, "Training data order"): reset, forward with memory, loss, update.
+
+The step is the part of training that defines what is learned; `train.py` around it owns the
+run (data, checkpoints, logging, DDP). Shape letters: B rows, T segment length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longmem.memory import MemoryBank
+from longmem.training.streams import IGNORE_INDEX, StreamBatch
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """logits (B, T, V) against already-shifted targets (B, T) (IGNORE_INDEX skipped)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+def train_step(run: torch.nn.Module, batch: StreamBatch, memory: MemoryBank, optimizer: torch.optim.Optimizer,
+               scheduler, device: torch.device, *, grad_clip: float, bf16: bool) -> torch.Tensor:
+    """One optimizer step on `batch`; returns the (detached) mean loss over its targets.
+
+    `run` is the model (or its DDP wrapper). Rows that start a new document get an empty
+    memory first; the segment retrieves from the memory and is then written into it. The
+    gradient norm is clipped to `grad_clip` (0: no clipping); `bf16` runs under bf16 autocast.
+    """
+    x, y, mask = batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device)
+    memory.reset(rows=batch.new_document.nonzero().flatten().tolist())
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = run(x, memory=memory, attention_mask=mask)
+        loss = next_token_loss(out.logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
