@@ -12,8 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from longmem.errors import LongMemError
+from longmem.runtime import CANONICAL_DTYPES
 
-MEMORY_DTYPES = ("float16", "bfloat16", "float32")
+MEMORY_DTYPES = CANONICAL_DTYPES  # the one table of dtype names lives in runtime
 """Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too)."""
 
 

@@ -11,6 +11,15 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps the sui
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; whatever a test (or the CLI it runs) sets is undone after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_backbone(family: str, seed: int = 0, layers: int = 4):
     torch.manual_seed(seed)
     if family == "gpt2":

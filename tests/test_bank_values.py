@@ -354,7 +354,7 @@ def test_empty_bank_round_trips_and_header_fields_are_required(tmp_path):
         m = {k: v for k, v in meta.items() if k != missing}
         m["sha256"] = checksum(tensors, m.get("spec", "") + m.get("batch_size", ""))
         save_file(tensors, str(tmp_path / "h.safetensors"), metadata=m)
-        with pytest.raises(LongMemError, match=f"inconsistent contents \\('{missing}'\\)"):
+        with pytest.raises(LongMemError, match=f"inconsistent contents \\(KeyError: '{missing}'\\)"):
             MemoryBank.load(tmp_path / "h.safetensors")
 
 
@@ -372,11 +372,13 @@ def test_current_format_requires_the_stream_lengths(tmp_path):
 
 # ---- dtypes, config, retrieval type ----------------------------------------------------------------------------
 def test_one_table_of_memory_dtypes():
-    assert MEMORY_DTYPES == ("float16", "bfloat16", "float32")
-    assert [bank(dtype=name).keys.dtype for name in MEMORY_DTYPES] == [torch.float16, torch.bfloat16, torch.float32]
-    with pytest.raises(LongMemError, match=r"^memory dtype 'int8' is not one of float16, bfloat16, float32$"):
+    from longmem.runtime import DTYPE_NAMES
+
+    assert MEMORY_DTYPES == ("float32", "bfloat16", "float16") and set(MEMORY_DTYPES) == set(DTYPE_NAMES.values())
+    assert [bank(dtype=name).keys.dtype for name in MEMORY_DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(LongMemError, match=r"^memory dtype 'int8' is not one of float32, bfloat16, float16$"):
         bank(dtype="int8")
-    with pytest.raises(LongMemError, match=r"memory_dtype='int8' is not one of float16, bfloat16, float32$"):
+    with pytest.raises(LongMemError, match=r"memory_dtype='int8' is not one of float32, bfloat16, float16$"):
         LongMemConfig(memory_dtype="int8").resolve(4)
 
 

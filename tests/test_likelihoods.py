@@ -30,13 +30,6 @@ from longmem.training.train import next_token_loss
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def far_from(a: float, b: float, margin: float = 1e-3) -> bool:
     return abs(float(a) - float(b)) > margin

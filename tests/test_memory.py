@@ -246,3 +246,68 @@ def test_search_in_blocks_of_queries_equals_one_block():
     assert torch.equal(blocked.slots, whole.slots)
     torch.testing.assert_close(blocked.scores, whole.scores, rtol=1e-6, atol=1e-6)
     assert blocked.slots.shape == (2, H, 7, 4)
+
+
+def tampered(tmp_path, path, change):
+    """A copy of a saved memory with `change(tensors)` applied and a consistent checksum (the checks after it run)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    meta["sha256"] = checksum(tensors, meta["spec"] + meta["batch_size"])
+    out = tmp_path / "tampered.safetensors"
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: t.update(num_chunks=t["num_chunks"] + 1),        # more chunks than stored slots
+    lambda t: t.update(num_pending=torch.full_like(t["num_pending"], 4)),  # a full chunk still pending (C = 4)
+    lambda t: t.update({k: torch.cat([t[k]] * 9, dim=2) for k in ("keys", "values", "chunk_keys")}),  # 18 > 16 slots
+])
+def test_counters_that_exceed_the_stored_data_are_refused(tmp_path, change):
+    mem = bank(capacity=64, chunk=4)
+    write_stream(mem, [9])  # 2 chunks + 1 pending per row
+    mem.save(tmp_path / "m.safetensors")
+    path = tampered(tmp_path, tmp_path / "m.safetensors", change)
+    with pytest.raises(LongMemError, match=r"^memory file .* has inconsistent contents \(ValueError: chunk counters "
+                                           r"exceed the stored data\); re-create it with memorize$"):
+        MemoryBank.load(path)
+    assert MemoryBank.load(tmp_path / "m.safetensors").sizes.tolist() == [8, 8]  # the untampered file loads
+
+
+def test_save_writes_only_the_slots_in_use_and_load_keeps_the_retriever(tmp_path):
+    from safetensors import safe_open
+
+    from longmem.memory import ExactRetriever
+
+    mem = bank(capacity=400, chunk=4)
+    write_stream(mem, [12, 8])  # 5 chunks per row; storage grew to 64 slots
+    assert mem.keys.shape[2] == 64
+    mem.save(tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.get_slice("keys").get_shape()[2] == f.get_slice("chunk_keys").get_shape()[2] == 5
+    retriever = ExactRetriever(max_scores=1 << 10)
+    loaded = MemoryBank.load(tmp_path / "m.safetensors", retriever=retriever)
+    assert loaded.retriever is retriever
+    for row in range(2):
+        assert torch.equal(loaded.tokens(row)[0], mem.tokens(row)[0])
+
+
+def test_capacity_must_be_a_multiple_of_the_chunk_size():
+    with pytest.raises(LongMemError, match=r"^memory capacity 10 must be a multiple of chunk_size 4$"):
+        bank(capacity=10, chunk=4)
+
+
+def test_storage_doubles_on_demand_up_to_capacity():
+    """Writes cost amortised O(1): storage starts at 64 chunk slots, doubles when full, stops at capacity."""
+    mem = bank(capacity=4 * 300, chunk=4, rows=1)
+    storage = []
+    for chunks in (60, 4, 1, 63, 1, 200):
+        mem.write(torch.randn(1, 4 * chunks, H, D), torch.randn(1, 4 * chunks, H, D))
+        storage.append(mem.keys.shape[2])
+    assert storage == [64, 64, 128, 128, 256, 300]
+    assert mem.sizes.tolist() == [1200] and mem.written.tolist() == [4 * 329]
+    # counters are int64: a float32 count would skip tokens past 2**24 (16.7M tokens written into a row)
+    assert mem.sizes.dtype == mem.written.dtype == mem.num_pending.dtype == mem.next_slot.dtype == torch.long

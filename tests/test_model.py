@@ -190,3 +190,63 @@ def test_memory_attention_reads_a_lower_precision_memory_in_the_query_dtype():
     out = memory_attention(q, mem_k, mem_v, valid)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, memory_attention(q, mem_k.float(), mem_v.float(), valid), rtol=0, atol=0)
+
+
+def test_new_memory_uses_the_given_retriever_and_the_model_device():
+    from longmem.memory import ExactRetriever
+
+    model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config())
+    retriever = ExactRetriever(max_scores=1 << 12)
+    memory = model.new_memory(3, memory_size=32, retriever=retriever)
+    assert memory.retriever is retriever and memory.batch_size == 3 and memory.spec.capacity == 32
+    assert memory.device == model.device
+    assert isinstance(model.new_memory(1).retriever, ExactRetriever)
+
+
+def test_memory_with_the_wrong_number_of_rows_is_an_error(model):
+    with pytest.raises(LongMemError, match=r"^the memory has 3 rows but the input has 2; create it with "
+                                           r"model.new_memory\(batch_size=2\)$"):
+        model(segments(1)[0], memory=model.new_memory(3))
+
+
+def test_loss_is_none_without_labels(model):
+    out = model(segments(1)[0])
+    assert out.loss is None and out.logits.shape == (2, 16, VOCAB)
+
+
+def test_float32_sidenet_over_a_bfloat16_backbone_without_autocast(family):
+    """Hidden states are cast to the SideNet's dtype on the way in and to the LM head's on the way out."""
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family).to(torch.bfloat16), small_config())
+    model.sidenet.float()
+    assert model.dtype == torch.float32
+    x, y = segments(2)
+    memory = model.new_memory(2)
+    model(x, memory=memory)
+    out = model(y, memory=memory)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_a_row_holding_a_single_chunk_reads_it(family):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    with torch.no_grad():
+        model.sidenet.layers[model.sidenet.memory_layer].gate.fill_(2.0)
+    x, y = segments(2)
+    memory = model.new_memory(2)
+    model(x[:, :2], memory=memory)  # chunk_size 2: one chunk per row
+    assert memory.num_chunks.tolist() == [1, 1]
+    assert not torch.allclose(model(y, memory=memory).logits, model(y).logits)
+
+
+def test_training_mode_uses_attention_dropout_without_a_padding_mask():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    backbone = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=128,
+                                          attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0)).eval()
+    model = LongMemForCausalLM.from_backbone(backbone, small_config()).train()
+    x = segments(1)[0]
+    with torch.no_grad():
+        a, b = model(x).logits, model(x).logits
+        model.eval()
+        c, d = model(x).logits, model(x).logits
+    assert not torch.allclose(a, b) and torch.equal(c, d)

@@ -24,17 +24,23 @@ from test_training_utils import make_tokenizer, stdlib_docs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A saved tiny Llama backbone + tokenizer and train/dev folders of real text files."""
-    root = tmp_path_factory.mktemp("train")
+def save_tiny_llama(folder: Path, **config) -> None:
+    """A tiny random Llama backbone (seed 0) and the test tokenizer, saved as a HuggingFace model folder."""
     tok = make_tokenizer()
     torch.manual_seed(0)
     backbone = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
                                             num_key_value_heads=2, intermediate_size=64, vocab_size=len(tok),
-                                            max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0))
-    backbone.save_pretrained(root / "backbone")
-    tok.save_pretrained(root / "backbone")
+                                            max_position_embeddings=64, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+                                            **config))
+    backbone.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny Llama backbone + tokenizer and train/dev folders of real text files."""
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_llama(root / "backbone")
     docs = stdlib_docs()
     for split, chosen in (("train", docs[:6]), ("dev", docs[6:])):
         (root / split).mkdir()

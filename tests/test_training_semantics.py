@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from longmem import LongMemForCausalLM
 from longmem.config import LongMemConfig
@@ -25,8 +24,8 @@ from longmem.training import train as train_mod
 from longmem.training.state import MetricsLog, load_tokenizer
 from longmem.training.streams import StreamBatcher
 from test_likelihoods import hand_nll, stream_targets
-from test_train import ROOT, config, losses
-from test_training_utils import make_tokenizer, stdlib_docs
+from test_train import ROOT, config, losses, save_tiny_llama
+from test_training_utils import stdlib_docs
 
 TRAIN_CHARS = [25, 240, 70, 130, 15, 50, 110, 40, 180, 30]  # documents of about 6 to 90 tokens
 STEPS, ROWS, CHUNK, CAPACITY = 24, 2, 2, 32
@@ -36,14 +35,7 @@ STEPS, ROWS, CHUNK, CAPACITY = 24, 2, 2, 32
 def workspace(tmp_path_factory):
     """A tiny Llama backbone with attention dropout 0.1 (+ tokenizer) and folders of short documents."""
     root = tmp_path_factory.mktemp("semantics")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    backbone = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=64, vocab_size=len(tok),
-                                            max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
-                                            pad_token_id=0, attention_dropout=0.1))
-    backbone.save_pretrained(root / "backbone")
-    tok.save_pretrained(root / "backbone")
+    save_tiny_llama(root / "backbone", attention_dropout=0.1)
     text = "".join(d.text for d in stdlib_docs())
     pos = 0
     for split, sizes in (("train", TRAIN_CHARS), ("dev", [90, 150])):

@@ -297,7 +297,7 @@ class MemoryBank:
                 tensors["written"] = tensors["num_chunks"] * spec.chunk_size + tensors["num_pending"]
             bank._restore(tensors)
         except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
-            raise LongMemError(f"memory file {path} has inconsistent contents ({e or type(e).__name__}); "
+            raise LongMemError(f"memory file {path} has inconsistent contents ({type(e).__name__}: {e}); "
                                f"re-create it with memorize") from e
         if expect is not None:
             expect.check_compatible(spec)
@@ -317,8 +317,8 @@ class MemoryBank:
         if S > self.max_chunks or bool((t["num_chunks"] > S).any()) or bool((t["num_pending"] >= C).any()):
             raise ValueError("chunk counters exceed the stored data")
         self._grow(S)
-        self.keys[:, :, :S] = t["keys"].to(self.device, self.dtype)
-        self.values[:, :, :S] = t["values"].to(self.device, self.dtype)
-        self.chunk_keys[:, :, :S] = t["chunk_keys"].to(self.device, self.dtype)
-        for name in ("num_chunks", "next_slot", "num_pending", "pending_keys", "pending_values", "written"):
-            getattr(self, name).copy_(t[name])
+        for name in STATE:  # assignment casts to the bank's dtype and device
+            stored = getattr(self, name)
+            if name in ("keys", "values", "chunk_keys"):
+                stored = stored[:, :, :S]
+            stored.copy_(t[name])
