@@ -21,7 +21,8 @@ import torch
 from longmem import LongMemForCausalLM
 from longmem.config import LongMemConfig
 from longmem.training import train as train_mod
-from longmem.training.state import MetricsLog, load_tokenizer
+from longmem.runtime import load_tokenizer
+from longmem.training.metrics import MetricsLog
 from longmem.training.streams import StreamBatcher
 from test_likelihoods import hand_nll, stream_targets
 from test_train import ROOT, config, losses, save_tiny_llama
@@ -164,7 +165,7 @@ import torch
 
 from longmem.training import step as step_mod
 from longmem.training import train as train_mod
-from longmem.training.state import config_from_dict
+from longmem.training.config_io import config_from_dict
 from longmem.training.streams import StreamBatcher
 
 cfg = config_from_dict(train_mod.TrainConfig, json.loads(open(sys.argv[1]).read()))
