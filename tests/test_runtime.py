@@ -237,14 +237,6 @@ def test_model_dtype_num_parameters_and_hf_kwargs(checkpoint):
     assert model.num_parameters(only_trainable=True) < model.num_parameters()
 
 
-def test_state_module_keeps_the_old_names():
-    from longmem.training import checkpoints, config_io, metrics, optim, state
-
-    assert state.save_checkpoint is checkpoints.save_checkpoint and state.load_config is config_io.load_config
-    assert state.MetricsLog is metrics.MetricsLog and state.build_optimizer is optim.build_optimizer
-    assert state.resolve_device is runtime.resolve_device and state.load_tokenizer is runtime.load_tokenizer
-
-
 def test_a_checkpoint_saved_in_bf16_loads_back(checkpoint, tmp_path, capsys):
     """`longmem export` (bf16 by default) of a float32 checkpoint: the backbone's fingerprint is recorded for the
     rounded weights that are saved, so the export loads (it did not: "built for a different backbone")."""
