@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig) -> None:
     with autocast(model.device):
         for scorer in (BackboneScorer(model), LocalScorer(model), MemoryScorer(model)):
             start = time.time()
-            results[scorer.name] = score_document(scorer, ids, score_from)
+            results[scorer.name] = score_document(scorer, ids, score_from, show_progress=True)
             memory = getattr(scorer, "memory", None)
             extra = f", memory {len(memory):,} tokens" if memory is not None else ""
             print(f"  {scorer.name:<18} {time.time() - start:6.1f} s{extra}")
@@ -132,6 +132,6 @@ def show_generation(model, tok, ids, far, first, T, results) -> None:
         for label, use_memory in (("without memory", False), ("with memory", True)):
             memory = model.new_memory(1)
             if use_memory:
-                model.memorize(ids[None, :seg_start].to(model.device), memory)
+                model.memorize(ids[None, :seg_start].to(model.device), memory, show_progress=True)
             out = model.generate(prompt, memory=memory, max_new_tokens=24, temperature=0)
             print(f"  {label:<15}: " + tok.decode(out[0, prompt.shape[1]:].tolist()).replace("\n", " "))

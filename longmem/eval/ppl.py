@@ -94,7 +94,7 @@ class SlidingWindowScorer(Scorer):
         keep = self.window - self.stride
         return ids[:, ids.shape[1] - min(keep, ids.shape[1]):]
 
-    def start(self, prefix):
+    def start(self, prefix, show_progress=False):
         self.history = self._keep(prefix)
 
     def logits(self, x):  # (1, T) -> (1, T, V)

@@ -30,7 +30,7 @@ class Scorer:
     def __init__(self, model):
         self.model = model
 
-    def start(self, prefix: torch.Tensor) -> None:
+    def start(self, prefix: torch.Tensor, show_progress: bool = False) -> None:
         """Called once per document with the (1, P) tokens before the first scored segment."""
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, T, V)
@@ -59,10 +59,10 @@ class MemoryScorer(Scorer):
         self.memory_size = memory_size
         self.memory = None
 
-    def start(self, prefix):
+    def start(self, prefix, show_progress=False):
         self.memory = self.model.new_memory(1, memory_size=self.memory_size)
         if prefix.shape[1]:
-            self.model.memorize(prefix, self.memory)
+            self.model.memorize(prefix, self.memory, show_progress=show_progress)
 
     def logits(self, x):
         return self.model(x, memory=self.memory).logits  # retrieves, then writes x
@@ -79,18 +79,23 @@ class DocumentScore:
 
 
 @torch.no_grad()
-def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0) -> DocumentScore:
+def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0, show_progress: bool = False) -> DocumentScore:
     """Score targets of the segments starting at or after `score_from` (rounded up to a segment).
 
     ids: (N,) token ids of one document. Earlier segments only prime the scorer (memorized).
+    show_progress: bars that advance per segment (memorizing, then scoring), cleared when done.
     """
     T = scorer.model.config.segment_length
     N = ids.shape[0]
     first = -(-score_from // T) * T
     ids = ids.to(scorer.model.device)[None]  # (1, N)
-    scorer.start(ids[:, :first])
+    scorer.start(ids[:, :first], show_progress)
     out = []
-    for s in range(first, N - 1, T):
+    starts = range(first, N - 1, T)
+    if show_progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=f"score ({scorer.name})", unit="seg", leave=False)
+    for s in starts:
         x, y = ids[:, s:s + T], ids[:, s + 1:s + T + 1]  # inputs (1, t), targets (1, t') with t' <= t
         lp = target_logprobs(scorer.logits(x)[:, : y.shape[1]], y)
         out.append(lp[0].cpu())
