@@ -102,14 +102,6 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "reduction=reduction)",
      "return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)",
      "cross_entropy's default ignore_index is -100, which is IGNORE_INDEX"),
-    ("longmem.training.step.train_step",
-     "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):",
-     "with torch.autocast(device.type, dtype=None, enabled=bf16):",
-     "CPU autocast defaults to bfloat16 (CUDA's default, float16, is not run here)"),
-    ("longmem.training.step.train_step",
-     "with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):",
-     "with torch.autocast(device.type, enabled=bf16):",
-     "CPU autocast defaults to bfloat16 (CUDA's default, float16, is not run here)"),
 ]
 
 import re

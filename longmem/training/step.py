@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from longmem.memory import MemoryBank
+from longmem.runtime import autocast
 from longmem.training.streams import IGNORE_INDEX, StreamBatch
 
 
@@ -20,16 +21,17 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 
 
 def train_step(run: torch.nn.Module, batch: StreamBatch, memory: MemoryBank, optimizer: torch.optim.Optimizer,
-               scheduler, device: torch.device, *, grad_clip: float, bf16: bool) -> torch.Tensor:
+               scheduler, device: torch.device, *, grad_clip: float, precision: str) -> torch.Tensor:
     """One optimizer step on `batch`; returns the (detached) mean loss over its targets.
 
     `run` is the model (or its DDP wrapper). Rows that start a new document get an empty
     memory first; the segment retrieves from the memory and is then written into it. The
-    gradient norm is clipped to `grad_clip` (0: no clipping); `bf16` runs under bf16 autocast.
+    gradient norm is clipped to `grad_clip` (0: no clipping); `precision` ("bf16", "fp32") is the
+    autocast of the forward (`longmem.runtime.autocast`).
     """
     x, y, mask = batch.input_ids.to(device), batch.labels.to(device), batch.attention_mask.to(device)
     memory.reset(rows=batch.new_document.nonzero().flatten().tolist())
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(device, precision):
         out = run(x, memory=memory, attention_mask=mask)
         loss = next_token_loss(out.logits, y)
     optimizer.zero_grad(set_to_none=True)

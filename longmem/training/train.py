@@ -241,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
         while step < cfg.steps:
             batch = next(batcher)
             loss = train_step(run, batch, memory, optimizer, scheduler, device, grad_clip=cfg.optim.grad_clip,
-                              bf16=cfg.dtype == "bf16")
+                              precision=cfg.dtype)
             step += 1
             tok_s = speed.update(batch.num_targets * dist.world_size)
             if is_main:
