@@ -181,30 +181,23 @@ class LongMemForCausalLM(nn.Module):
         The prompt's whole segments before its last tokens are memorized first (`split_prompt`). The local
         context is at most one segment: when it overflows, its older half is written into memory and dropped.
         """
+        from longmem.decoding import RecomputeDecoder
         from longmem.generation import sample_next
 
         B, N = input_ids.shape
-        memory = memory if memory is not None else self.new_memory(B)
-        seg = self.config.segment_length
-        prefix, _ = self.split_prompt(N)
-        if prefix:
-            self.memorize(input_ids[:, :prefix], memory)
-        ctx, new = input_ids[:, prefix:], []
+        decoder = RecomputeDecoder(self, memory if memory is not None else self.new_memory(B))
+        new = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(ctx, memory=memory, update_memory=False).logits[:, -1].float()  # (B, V)
-            token = sample_next(logits, temperature, top_k, generator)                    # (B, 1)
+        logits = decoder.prefill(input_ids)
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, generator)[:, 0]  # (B,)
             if eos_token_id is not None:
-                token = token.masked_fill(done[:, None], eos_token_id)
-                done |= token[:, 0] == eos_token_id
-            new.append(token)
-            ctx = torch.cat([ctx, token], dim=1)
-            if ctx.shape[1] > seg:
-                half = seg // 2
-                self.memorize(ctx[:, :half], memory)
-                ctx = ctx[:, half:]
-            if eos_token_id is not None and bool(done.all()):
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            new.append(token[:, None])
+            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
                 break
+            logits = decoder.step(token)
         return torch.cat([input_ids, *new], dim=1)
 
     # ---- persistence ---------------------------------------------------------------------

@@ -137,8 +137,9 @@ def test_generate_with_memory(family):
     model.memorize(prompt[:, :32], ref_mem)
     first = model(prompt[:, 32:], memory=ref_mem).logits[:, -1].argmax(-1)
     assert torch.equal(out[:, 37], first)
-    # 5 + 20 tokens overflowed the 16-token window twice: 2 x 8 more tokens were memorized
-    assert len(memory) == 32 + 16
+    # 5 + 19 tokens were fed (the last new token is never fed back): the 16-token window overflowed once at
+    # 17 tokens and its older 8 tokens were memorized
+    assert len(memory) == 32 + 8
     sampled = model.generate(prompt[:1], max_new_tokens=5, temperature=0.8, top_k=5,
                              generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (1, 42)
