@@ -5,8 +5,12 @@ cross-network residual  S[l+1] = layer_l(S[l]) + (H[2l+2] - H[2l]),  S[0] = H[0]
 One layer is memory-augmented: each token retrieves its top chunks from the memory bank
 and mixes memory attention into its local attention through a per-head gate.
 
-Shapes: B batch, T tokens, d width, Hq query heads, Hkv key/value heads, G = Hq/Hkv,
-D head dim, K retrieved memory tokens per query.
+For incremental decoding a `SideNetCache` (one `LayerCache` per layer, like HuggingFace's
+`Cache`) keeps every layer's positioned local keys and values, so a new token attends to the
+cached ones without recomputing them.
+
+Shapes: B batch, T tokens, P cached tokens, d width, Hq query heads, Hkv key/value heads,
+G = Hq/Hkv, D head dim, K retrieved memory tokens per query.
 """
 
 from __future__ import annotations
@@ -23,12 +27,52 @@ from longmem.memory import MemoryBank
 from longmem.runtime import cast_unless_autocast
 
 
+class LayerCache:
+    """One layer's local keys (positioned) and values, (B, Hkv, P, D), in buffers grown to `capacity` at once."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0  # P: cached tokens
+        self.keys: torch.Tensor | None = None    # (B, Hkv, >= P, D)
+        self.values: torch.Tensor | None = None  # (B, Hkv, >= P, D)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, Hkv, T, D) -> all cached keys and values (B, Hkv, P + T, D) (views of the buffers)."""
+        n = self.length + k.shape[2]
+        if self.keys is None or n > self.keys.shape[2]:
+            size = max(n, self.capacity)
+            grown = [t.new_empty(*t.shape[:2], size, t.shape[3]) for t in (k, v)]  # (B, Hkv, size, D)
+            if self.keys is not None:
+                grown[0][:, :, :self.length] = self.keys[:, :, :self.length]
+                grown[1][:, :, :self.length] = self.values[:, :, :self.length]
+            self.keys, self.values = grown
+        self.keys[:, :, self.length:n] = k
+        self.values[:, :, self.length:n] = v
+        self.length = n
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
+
+class SideNetCache:
+    """Every SideNet layer's local keys and values over the decoded local context (one `LayerCache` each)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return self.layers[layer]
+
+    def get_seq_length(self) -> int:
+        return self.layers[0].length
+
+
 @dataclass
 class SegmentContext:
     """Per-segment inputs shared by every SideNet layer."""
     positions: object                 # the adapter's position data (rotary cos/sin, or None)
-    attn_mask: torch.Tensor | None    # (B, 1, T, T) bool, or None for plain causal attention
+    attn_mask: torch.Tensor | None    # (B, 1, T, T) bool, or None for plain causal attention; with cached
+                                      # tokens (B, 1, 1, P + T) bool over the keys, or None (all visible)
     memory: MemoryBank | None
+    cache: SideNetCache | None = None  # cached keys/values of earlier tokens, extended by this forward
 
 
 def local_attention(q, k, v, attn_mask, dropout_p):
@@ -38,6 +82,21 @@ def local_attention(q, k, v, attn_mask, dropout_p):
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+def cached_attention(q, k, v, key_mask):
+    """One new token per row against the cached keys and itself, no causal mask needed.
+
+    q (B, Hq, 1, D); k/v (B, Hkv, P, D) (the new token's last); key_mask (B, 1, 1, P) bool or None
+    -> (B, Hq, 1, D). The G query heads sharing a kv head are attended as G queries of that head,
+    so the cache is never repeated per query head.
+    """
+    B, Hq, T, D = q.shape
+    assert T == 1, "cached attention takes one new token per row"
+    Hkv = k.shape[1]
+    q = q.view(B, Hkv, Hq // Hkv, D)  # (B, Hkv, G, D): query head h = j*G + g is kv head j, query g
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, Hkv, G, D)
+    return a.view(B, Hq, 1, D)
 
 
 def memory_attention(q, mem_k, mem_v, valid):
@@ -64,12 +123,19 @@ class SideNetLayer(nn.Module):
     def mix(self, a: torch.Tensor, q: torch.Tensor, ctx: SegmentContext):
         return a, None
 
-    def forward(self, x: torch.Tensor, ctx: SegmentContext):
+    def forward(self, x: torch.Tensor, ctx: SegmentContext, cache: LayerCache | None = None):
+        """x (B, T, d) -> (B, T, d), retrieval; cache: this layer's keys/values of earlier tokens, extended here."""
         ad = self.adapter
         qkv = ad.attention_inputs(self.block, x)                  # q (B, Hq, T, D), k/v (B, Hkv, T, D)
         q_pos, k_pos = ad.apply_positions(qkv.q, qkv.k, ctx.positions)
-        p = ad.attention_dropout(self.block) if self.training else 0.0
-        a = local_attention(q_pos, k_pos, qkv.v, ctx.attn_mask, p)  # (B, Hq, T, D)
+        if cache is not None and cache.length:  # a decoding step: attend to the cached tokens too
+            k_all, v_all = cache.update(k_pos, qkv.v)             # (B, Hkv, P + T, D)
+            a = cached_attention(q_pos, k_all, v_all, ctx.attn_mask)
+        else:
+            if cache is not None:
+                cache.update(k_pos, qkv.v)
+            p = ad.attention_dropout(self.block) if self.training else 0.0
+            a = local_attention(q_pos, k_pos, qkv.v, ctx.attn_mask, p)  # (B, Hq, T, D)
         a, retrieval = self.mix(a, qkv.q, ctx)
         B, H, T, D = a.shape
         x = x + ad.attention_output(self.block, a.transpose(1, 2).reshape(B, T, H * D))
@@ -127,7 +193,7 @@ class SideNet(nn.Module):
         H = [cast_unless_autocast(h, dtype) for h in hidden]
         s, retrieval = H[0], None
         for l, layer in enumerate(self.layers):
-            out, r = layer(s, ctx)
+            out, r = layer(s, ctx, None if ctx.cache is None else ctx.cache[l])
             s = out + (H[2 * l + 2] - H[2 * l])  # cross-network residual
             retrieval = r if r is not None else retrieval
         return self.norm(s), retrieval

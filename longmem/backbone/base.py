@@ -15,7 +15,9 @@ Shapes: B batch, T tokens, d model width, Hq query heads, Hkv key/value heads, D
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -86,18 +88,42 @@ class BackboneAdapter(ABC):
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            position_ids: torch.Tensor, memory_layer: int) -> BackboneOutput:
+            position_ids: torch.Tensor, memory_layer: int, cache: Any = None) -> BackboneOutput:
+        """input_ids, position_ids (B, T); attention_mask (B, T) 0/1 or None (no padding).
+
+        cache: the backbone's key/value cache (`new_cache`) holding P earlier tokens, or None (no cache).
+        These T tokens attend to the cached ones and are appended to it; attention_mask, when given, then
+        covers the cached and the new tokens, (B, P + T). Hidden states and captured keys/values cover the
+        new tokens only.
+        """
         sink: dict[str, torch.Tensor] = {}
         handles = self.kv_hooks(memory_layer, sink)
+        cache_args = {} if cache is None else {self._cache_argument: cache}
         try:
             # the base model (no LM head): the backbone's logits are never needed
             out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, output_hidden_states=True, use_cache=False)
+                                        position_ids=position_ids, output_hidden_states=True,
+                                        use_cache=cache is not None, **cache_args)
         finally:
             for h in handles:
                 h.remove()
         assert len(out.hidden_states) == self.num_layers + 1
         return BackboneOutput(tuple(out.hidden_states), sink["k"], sink["v"])
+
+    def new_cache(self) -> Any:
+        """An empty HuggingFace `DynamicCache` for this backbone, to pass to `run`."""
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.config)  # per-layer kinds (e.g. sliding window) from the config
+        except TypeError:  # transformers < 4.56 takes no config
+            return DynamicCache()
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        """The base model's name for the cache argument: `cache` from transformers 5.24, else `past_key_values`."""
+        params = inspect.signature(self.model.base_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     # ---- block anatomy (used on the SideNet's copies of backbone blocks) ------------
     @abstractmethod
