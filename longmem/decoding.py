@@ -105,7 +105,8 @@ class IncrementalDecoder:
     The backbone keeps its own HuggingFace `DynamicCache`, the SideNet a `SideNetCache`; both cover the
     local context. The prompt's local part and, after every overflow, the kept half are run in one
     forward that rebuilds both caches, so positions restart at 0 exactly as in the reference (and in
-    training). The memory is written only there (prompt prefix, overflow), as in the reference.
+    training). The memory is written only by `memorize` (the prompt's prefix, each overflow's older half),
+    as in the reference.
     """
 
     def __init__(self, model: "LongMemForCausalLM", memory: "MemoryBank"):

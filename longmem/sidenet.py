@@ -61,9 +61,6 @@ class SideNetCache:
     def __getitem__(self, layer: int) -> LayerCache:
         return self.layers[layer]
 
-    def get_seq_length(self) -> int:
-        return self.layers[0].length
-
 
 @dataclass
 class SegmentContext:

@@ -37,7 +37,7 @@ def prompt(lengths, seed=0):
 @torch.no_grad()
 def assert_decoders_agree(model, lengths, steps=STEPS):
     """Greedy decoding driven by the reference; both decoders agree at every step and on the memory at the end."""
-    ids, mask = prompt(lengths)
+    ids, mask = (None if t is None else t.to(model.device) for t in prompt(lengths))
     ref = RecomputeDecoder(model, model.new_memory(len(lengths)))
     inc = IncrementalDecoder(model, model.new_memory(len(lengths)))
     logits = ref.prefill(ids, mask), inc.prefill(ids, mask)
@@ -88,6 +88,12 @@ def test_equality_check_catches_an_ignored_cache(family, broken, monkeypatch):
         monkeypatch.setattr(BackboneAdapter, "run", run_without_past)
     with pytest.raises(AssertionError):
         assert_decoders_agree(model, PROMPTS["padded prefix"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_incremental_equals_recompute_on_cuda(family):
+    """Every tensor the caches and steps create lands on the model's device."""
+    assert_decoders_agree(perturbed_model(family, seed=5).cuda(), PROMPTS["padded window"])
 
 
 def test_make_decoder():
