@@ -60,11 +60,14 @@ def build(name: str, dev: torch.device, tiny: bool) -> tuple[LongMemForCausalLM,
         model, _ = load_model("default", device=dev)
         return model, model.backbone.config.vocab_size
     if name == "default":  # the default model's architecture, tiny and random
-        backbone = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                                num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True))
+        backbone = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4,
+                                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                                tie_word_embeddings=True))
         config = LongMemConfig(segment_length=32, chunk_size=4, topk_tokens=16)
     elif name == "gpt2-small":
-        size = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0) if tiny else dict(n_layer=12, n_embd=768, n_head=12)
+        size = dict(n_layer=12, n_embd=768, n_head=12)
+        if tiny:
+            size = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0)
         backbone = GPT2LMHeadModel(GPT2Config(n_positions=2048, **size))
         config = LongMemConfig(segment_length=32 if tiny else 1024, **(dict(topk_tokens=16) if tiny else {}))
     else:
@@ -151,6 +154,8 @@ def main():
     args = ap.parse_args()
     set_threads(args.threads)
     dev = resolve_device(args.device)
+    if (args.new_tokens is not None and args.new_tokens < 2) or args.samples < 1:
+        raise SystemExit("--new-tokens must be at least 2 (a prefill token and a decode step), --samples at least 1")
     sizes = [int(s) for s in (args.memory_sizes or ("0,256,1024" if args.tiny else "0,16384,65536")).split(",")]
 
     def sync():
@@ -165,15 +170,17 @@ def main():
         new_tokens = args.new_tokens or c.segment_length // 2 + 16
         with torch.no_grad(), autocast(dev):
             measure(model, vocab, random_memory(model, sizes[0], dev), 4, 1, sync)  # warm-up
-            rows = [measure(model, vocab, random_memory(model, n, dev), new_tokens, args.samples, sync) for n in sizes]
+            rows = [measure(model, vocab, random_memory(model, n, dev), new_tokens, args.samples, sync)
+                    for n in sizes]
         a = model.adapter
         print()
-        print(f"## {name}: {a.num_layers} layers, d={a.num_heads * a.head_dim}, {a.num_heads} heads ({a.num_kv_heads} kv); "
+        print(f"## {name}: {a.num_layers} layers, {a.num_heads} heads ({a.num_kv_heads} kv) x {a.head_dim}; "
               f"SideNet {c.sidenet_layers} layers; segment {c.segment_length}; prompt {c.segment_length // 2} tokens; "
               f"{new_tokens} new tokens; (a) timed on {args.samples} steps")
         print()
-        print("| memory tokens | prefill s (a) / (b) / (c) | tokens/s (a) | tokens/s (b) | tokens/s (c) | (b)/(a) | (b)/(c) "
-              "| (b) overflow rebuilds: count, share of time | (b) tokens/s without them | max abs Δlogit (a)-(b) |")
+        print("| memory tokens | prefill s (a) / (b) / (c) | tokens/s (a) | tokens/s (b) | tokens/s (c) | (b)/(a) "
+              "| (b)/(c) | (b) overflow rebuilds: count, share of time | (b) tokens/s without them "
+              "| max abs Δlogit (a)-(b) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             p, tps = r.prefill, r.tokens_per_s
