@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from longmem.memory import Retrieval
+from longmem.runtime import cast_unless_autocast
 from longmem.sidenet import SegmentContext, SideNetCache
 
 if TYPE_CHECKING:
@@ -173,8 +174,6 @@ class IncrementalDecoder:
         """input_ids, position_ids (B, T): new tokens after the cached ones (T = 1 in a step) -> float32 (B, V).
 
         `LongMemForCausalLM.forward` with both caches and update_memory=False, for the last token's logits."""
-        from longmem.runtime import cast_unless_autocast
-
         m = self.model
         bb = m.adapter.run(input_ids, self.mask, position_ids, m.config.memory_layer, cache=self._backbone_cache)
         ctx = SegmentContext(positions=m.adapter.positions(bb.hidden_states[0], position_ids), attn_mask=attn_mask,
