@@ -320,7 +320,7 @@ class MemoryBank:
 
     def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s stored keys and values in write order (oldest first): (Hkv, N, D) each."""
-        order = self._write_order(row)
+        order = self.write_order(row)
         H, D = self.spec.num_kv_heads, self.spec.head_dim
         keys, values = self.keys[row][:, order], self.values[row][:, order]  # (Hkv, n, C, D)
         if self.quantized:
@@ -328,7 +328,7 @@ class MemoryBank:
             values = dequantize(values, self.value_scales[row][:, order])
         return keys.reshape(H, -1, D), values.reshape(H, -1, D)
 
-    def _write_order(self, row: int) -> torch.Tensor:
+    def write_order(self, row: int) -> torch.Tensor:
         """(n,) the slots of row `row`'s stored chunks, oldest first."""
         n, start = int(self.num_chunks[row]), int(self.next_slot[row])
         return (start - n + torch.arange(n, device=self.device)) % self.max_chunks
