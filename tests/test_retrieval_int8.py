@@ -75,3 +75,16 @@ def test_forward_with_an_int8_memory_is_close_to_bfloat16(family):
     assert outs["int8"].retrieval is not None
     torch.testing.assert_close(outs["int8"].logits, outs["bfloat16"].logits, rtol=0.02, atol=0.02)
     assert not torch.equal(outs["int8"].logits, outs["bfloat16"].logits)  # the int8 path ran
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_writes_and_stacks_under_cpu_autocast(dtype):
+    """CPU autocast refuses float16 tensors in torch.cat (int8 scales, float16 memories): the bank must not care."""
+    plain, cast = bank(dtype, rows=1), bank(dtype, rows=1)
+    k = torch.randn(1, 70, H, D)
+    plain.write(k, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast.write(k[:, :33], k[:, :33])
+        cast.write(k[:, 33:], k[:, 33:])
+        both = MemoryBank.stack([cast, cast])
+    assert torch.equal(both.tokens(1)[0], plain.tokens(0)[0])

@@ -64,9 +64,15 @@ def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
     return h.hexdigest()
 
 
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat with CPU autocast off (under it, cat refuses float16 tensors: fp16 memories and int8 scales)."""
+    with torch.autocast("cpu", enabled=False):
+        return torch.cat(tensors, dim)
+
+
 def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
     """(B, Hkv, S, ...) -> (B, Hkv, slots, ...), zero-filled past S."""
-    return torch.cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
+    return _cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
 
 
 @dataclass(frozen=True)
@@ -202,9 +208,9 @@ class MemoryBank:
                 k, v, t = k[keep], v[keep], t[keep]
             self.written[b] += k.shape[0]
             p = int(self.num_pending[b])
-            k = torch.cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
-            v = torch.cat([self.pending_values[b, :p], v])
-            t = torch.cat([self.pending_token_ids[b, :p], t])  # (p + T',)
+            k = _cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
+            v = _cat([self.pending_values[b, :p], v])
+            t = _cat([self.pending_token_ids[b, :p], t])  # (p + T',)
             n_new = k.shape[0] // C
             rest = k.shape[0] - n_new * C
             self.pending_keys[b, :rest] = k[n_new * C:]
@@ -282,7 +288,7 @@ class MemoryBank:
         slots = max(b.keys.shape[2] for b in banks)
         sized = lambda name, t: _pad_slots(t, slots) if name in first.slotted else t
         return first._derived(sum(b.batch_size for b in banks),
-                              lambda name, _: torch.cat([sized(name, getattr(b, name)) for b in banks]))
+                              lambda name, _: _cat([sized(name, getattr(b, name)) for b in banks]))
 
     # ---- read -----------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> Retrieval:
