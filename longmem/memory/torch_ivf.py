@@ -1,10 +1,10 @@
 """`torch-ivf`: an inverted-file index in plain torch, on the bank's device (GPU without faiss).
 
-Per batch row and key/value head, k-means centroids (inner-product assignment, `nlist` =
-sqrt(chunks), at least 16) partition the chunk slots into lists. Every written slot is
+Per batch row and key/value head, L2 k-means centroids (`nlist` = sqrt(chunks), at least 16)
+partition the chunk slots into lists (each chunk in its nearest centroid's). Every written slot is
 (re)assigned to its nearest centroid when written, so an overwritten (evicted) chunk leaves its
 old list at once: the lists only ever hold the row's current chunks. A query scores the
-centroids, takes the `nprobe` best lists, and scores every chunk in them exactly. The lists are
+centroids by inner product, takes the `nprobe` best lists, and scores every chunk in them exactly. The lists are
 laid out as a padded (Hkv, nlist, M) slot table, rebuilt after writes on the next search. A row
 is retrained once it has grown 4x past the chunks it was trained on; rows holding fewer than
 `min_chunks` chunks are searched exactly.
@@ -25,14 +25,19 @@ if TYPE_CHECKING:
     from longmem.memory.bank import MemoryBank
 
 
-def kmeans_ip(x: torch.Tensor, nlist: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """x (Hkv, n, D) float32 -> centroids (Hkv, nlist, D): k-means with inner-product assignment, per head.
-    Centroids start at random points; a list left empty keeps its previous centroid."""
+def nearest(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
+    """x (Hkv, n, D), centroids (Hkv, L, D) -> (Hkv, n) the nearest centroid in L2 (argmax of x.c - |c|^2/2)."""
+    return (x.float() @ cent.transpose(1, 2) - 0.5 * cent.pow(2).sum(-1)[:, None, :]).argmax(-1)
+
+
+def kmeans(x: torch.Tensor, nlist: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """x (Hkv, n, D) float32 -> centroids (Hkv, nlist, D): L2 k-means per head. Centroids start at random points;
+    a list left empty keeps its previous centroid."""
     H, n, D = x.shape
     g = torch.Generator().manual_seed(seed)
     cent = x[:, torch.randperm(n, generator=g)[:nlist].to(x.device)].clone()  # (Hkv, L, D)
     for _ in range(iters):
-        assign = (x @ cent.transpose(1, 2)).argmax(-1)                       # (Hkv, n)
+        assign = nearest(x, cent)                                            # (Hkv, n)
         sums = torch.zeros_like(cent).scatter_add_(1, assign[..., None].expand(-1, -1, D), x)
         counts = torch.zeros(H, nlist, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=x.dtype))
         cent = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], cent)
@@ -64,9 +69,9 @@ class TorchIVFRetriever(Retriever):
         if n < self.min_chunks:
             return None
         keys = bank.row_search_keys(row, torch.arange(n, device=bank.device))  # (Hkv, n, D) slots 0..n-1
-        cent = kmeans_ip(keys, max(16, int(math.sqrt(n))))
+        cent = kmeans(keys, max(16, int(math.sqrt(n))))
         assign = torch.zeros(keys.shape[0], bank.max_chunks, dtype=torch.long, device=bank.device)
-        assign[:, :n] = (keys @ cent.transpose(1, 2)).argmax(-1)
+        assign[:, :n] = nearest(keys, cent)
         return _Row(cent, assign, trained_on=n)
 
     def rebuild(self, bank: "MemoryBank") -> None:
@@ -84,7 +89,7 @@ class TorchIVFRetriever(Retriever):
             self.rows[row] = self._build(bank, row)
             return
         keys = bank.row_search_keys(row, slots)                                # (Hkv, n', D)
-        r.assign[:, slots] = (keys @ r.centroids.transpose(1, 2)).argmax(-1)  # the new chunks' lists
+        r.assign[:, slots] = nearest(keys, r.centroids)                       # the new chunks' lists
         r.table = None
 
     def _table(self, r: _Row, n: int) -> torch.Tensor:
