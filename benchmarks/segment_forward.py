@@ -1,11 +1,17 @@
-"""One-segment forward cost of LongMem vs the backbone's own forward, by memory size.
+"""One-segment forward cost of LongMem vs the backbone's own forward, by memory size and retriever.
 
     python benchmarks/segment_forward.py [--layers 12 --width 768 --heads 12 --segment 1024]
+        [--memory-sizes 0,8192,65536,1048576 --retrievers exact,faiss-ivf,faiss-hnsw,torch-ivf]
 
 A GPT-2-small-sized random backbone (weights do not change the cost). Every row is timed in
 the same process, interleaved, under bf16 autocast, and reported relative to the backbone's
-own forward (`GPT2LMHeadModel(input_ids)`, LM head included) on the same segment. The
-memory is filled with random keys/values (retrieval cost does not depend on their values).
+own forward (`GPT2LMHeadModel(input_ids)`, LM head included) on the same segment. The timed
+memories hold random keys/values (exact search costs the same for any values; an index's cost
+depends a little on how its lists balance).
+
+Recall@16 needs real memories: the default model reads `--recall-data` (dev books first, then
+train documents, until each memory size is filled) and the queries of its memory layer over the
+next segment are searched by each retriever and by float32 brute force.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from longmem import LongMemConfig, LongMemForCausalLM
-from longmem.runtime import autocast, resolve_device, set_threads
+from longmem.memory import Retriever, make_retriever
+from longmem.runtime import autocast, load_model, resolve_device, set_threads
 
 
 def timed_interleaved(fns: dict, repeats: int) -> dict:
@@ -34,13 +41,63 @@ def timed_interleaved(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+class Recorder(Retriever):
+    """Exact search that keeps the queries it was asked (the memory layer's real queries)."""
+    name = "exact"
+
+    def __init__(self):
+        self.inner, self.queries = make_retriever("exact"), []
+
+    def search(self, bank, queries, k):
+        self.queries.append(queries)
+        return self.inner.search(bank, queries, k)
+
+
+def recall_on_real_memories(sizes: list[int], retrievers: list[str], data: str, k_chunks: int = 16) -> dict:
+    """{(size, retriever): recall@k_chunks} against float32 brute force, with the default model's keys and queries."""
+    from longmem.data.documents import load_documents
+
+    model, tok = load_model("default", "cpu")
+    seg = model.config.segment_length
+    docs = load_documents(data, split="dev") + load_documents(data, split="train")
+    need = max(sizes) + seg
+    ids = []
+    for d in docs:
+        ids += tok(d.text)["input_ids"]
+        if len(ids) >= need:
+            break
+    ids = torch.tensor(ids[:need])[None]
+    out = {}
+    for n in sizes:
+        if n == 0:
+            continue
+        if ids.shape[1] < n + seg:
+            print(f"recall: {data} has {ids.shape[1]:,} tokens, fewer than {n + seg:,}; skipping {n:,}")
+            continue
+        mem = model.new_memory(1, memory_size=n, retriever=Recorder())
+        with torch.no_grad(), autocast(model.device):
+            model.memorize(ids[:, :n], mem, show_progress=True)
+            model(ids[:, n:n + seg], memory=mem, update_memory=False)
+        q = mem.retriever.queries[-1]  # (1, Hkv, Q, D)
+        ref = (q.float() @ mem.search_keys(mem.slots_in_use).float().transpose(-1, -2)).topk(k_chunks, dim=-1)
+        for name in retrievers:
+            mem.retriever = make_retriever(name)
+            mem.retriever.rebuild(mem)  # the index a loaded memory would get
+            found = mem.search(q, k_chunks)
+            hits = (found.slots[..., :, None] == ref.indices[..., None, :]).any(-1) & found.valid
+            out[n, name] = hits.float().mean().item()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--segment", type=int, default=1024)
-    ap.add_argument("--memory-sizes", default="0,8192,65536")
+    ap.add_argument("--memory-sizes", default="0,8192,65536,1048576")
+    ap.add_argument("--retrievers", default="exact,faiss-ivf,faiss-hnsw,torch-ivf")
+    ap.add_argument("--recall-data", default="data/prepared", help="prepared data for recall ('' to skip recall)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, help="CPU threads (default: longmem's policy, longmem.runtime)")
@@ -51,17 +108,20 @@ def main():
     cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, n_positions=args.segment)
     backbone = GPT2LMHeadModel(cfg).to(dev).eval()
     sizes = [int(s) for s in args.memory_sizes.split(",")]
+    names = args.retrievers.split(",")
+    recall = recall_on_real_memories(sizes, names, args.recall_data) if args.recall_data else {}
     model = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(segment_length=args.segment,
                                                                       memory_size=max(sizes + [4]))).to(dev).eval()
     x = torch.randint(0, cfg.vocab_size, (1, args.segment), device=dev)
     H, D = model.adapter.num_kv_heads, model.adapter.head_dim
     memories = {}
     for n in sizes:
-        mem = model.new_memory(1, memory_size=max(n, 4))
-        for s in range(0, n, 4096):
-            kv = torch.randn(1, min(4096, n - s), H, D, device=dev)
-            mem.write(kv, kv)
-        memories[n] = mem
+        for name in names if n else ["exact"]:
+            mem = model.new_memory(1, memory_size=max(n, 4), retriever=name)
+            for s in range(0, n, 4096):
+                kv = torch.randn(1, min(4096, n - s), H, D, device=dev)
+                mem.write(kv, kv)
+            memories[n, name] = mem
 
     def sync():
         if dev.type == "cuda":
@@ -71,32 +131,34 @@ def main():
         backbone(x)
         sync()
 
-    def run_longmem(n):
+    def run_longmem(key):
         def f():
-            model(x, memory=memories[n], update_memory=False)
+            model(x, memory=memories[key], update_memory=False)
             sync()
         return f
 
     with torch.no_grad(), autocast(dev):
-        t = timed_interleaved({"backbone": run_backbone, **{n: run_longmem(n) for n in sizes}}, args.repeats)
-        base = t["backbone"]
-        rows = [(n, t[n]) for n in sizes]
-    t0 = dict(rows).get(0)
+        t = timed_interleaved({"backbone": run_backbone, **{key: run_longmem(key) for key in memories}}, args.repeats)
+    base = t.pop("backbone")
+    t0 = t.get((0, "exact"))
     print(f"device={dev.type} threads={torch.get_num_threads()} backbone: {args.layers} layers, d={args.width}, "
           f"{args.heads} heads, segment {args.segment} tokens; SideNet {model.config.sidenet_layers} layers; "
           f"K={model.config.topk_tokens}, chunk {model.config.chunk_size}; memory {model.config.memory_dtype}")
     print()
-    print("| memory tokens | LongMem segment forward / backbone forward | retrieval + memory attention / backbone forward |")
-    print("|---:|---:|---:|")
-    for n, t in rows:
-        extra = f"{(t - t0) / base:.2f}" if t0 is not None else "n/a"
-        print(f"| {n:,} | {t / base:.2f} | {extra} |")
+    print("| memory tokens | retriever | LongMem segment forward / backbone forward | retrieval + memory attention / "
+          "backbone forward | recall@16 (default model, real memory) |")
+    print("|---:|---|---:|---:|---:|")
+    for (n, name), tn in t.items():
+        extra = f"{(tn - t0) / base:.2f}" if t0 is not None else "n/a"
+        r = recall.get((n, name))
+        print(f"| {n:,} | {name} | {tn / base:.2f} | {extra} | {'n/a' if r is None else f'{r:.3f}'} |")
     print()
     print(f"backbone forward: {base * 1e3:.0f} ms per segment (the 1.00 of this table)")
     n = max(sizes)
     if n:
-        print(f"memory bytes per stored token: {memories[n].nbytes() / len(memories[n]):.0f} "
-              f"(keys + values + chunk keys, {H} heads x {D} dims, {model.config.memory_dtype})")
+        mem = memories[n, "exact"]
+        print(f"memory bytes per stored token at {n:,}: {mem.nbytes() / len(mem):.0f} (keys, values, chunk keys, "
+              f"token id; {H} heads x {D} dims, {model.config.memory_dtype}); {mem.nbytes() / 2**30:.2f} GiB per row")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from longmem.errors import LongMemError
+from longmem.config import RETRIEVERS
 from longmem.runtime import CANONICAL_DTYPES, autocast, load_model
 
 
@@ -101,7 +102,7 @@ def cmd_memorize(args) -> None:
     text = read_text(args.input)
     model, tok = load_model(args.model, args.device)
     ids = torch.tensor([tok(text)["input_ids"]], device=model.device)
-    memory = model.new_memory(1, memory_size=args.memory_size)
+    memory = model.new_memory(1, memory_size=args.memory_size, retriever=args.retriever)
     with torch.no_grad(), autocast(model.device):
         model.memorize(ids, memory, show_progress=True)
     memory.save(args.out)
@@ -123,7 +124,8 @@ def cmd_generate(args) -> None:
             raise LongMemError(f"--memory file not found: {args.memory}; write one with `longmem memorize`")
     text = read_text(args.memorize, "--memorize") if args.memorize else None
     model, tok = load_model(args.model, args.device)
-    memory = model.load_memory(args.memory) if args.memory else model.new_memory(1)
+    memory = (model.load_memory(args.memory, retriever=args.retriever) if args.memory
+              else model.new_memory(1, retriever=args.retriever))
     if text is not None:
         ids = torch.tensor([tok(text)["input_ids"]], device=model.device)
         with torch.no_grad(), autocast(model.device):
@@ -205,7 +207,7 @@ def cmd_demo(args) -> None:
 
     check_model(args.model, args.device)
     run_demo(DemoConfig(model=args.model, data_dir=args.data, book=args.book, score_tokens=args.score_tokens,
-                        device=args.device))
+                        device=args.device, retriever=args.retriever))
 
 
 EVAL_TASKS = {  # subcommand -> (module, options class)
@@ -296,6 +298,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="LongMem checkpoint folder, or 'default' (the shipped model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--retriever", choices=RETRIEVERS, default=None,
+                   help="memory search backend (default: the model's, normally exact; docs/retrieval.md)")
 
 
 class Parser(argparse.ArgumentParser):

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from longmem.errors import LongMemError
 from longmem.runtime import CANONICAL_DTYPES
 
-MEMORY_DTYPES = CANONICAL_DTYPES  # the one table of dtype names lives in runtime
-"""Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too)."""
+MEMORY_DTYPES = CANONICAL_DTYPES + ("int8",)  # the table of float dtype names lives in runtime
+"""Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too);
+int8 is quantised with one scale per vector (longmem.memory.quant)."""
+
+RETRIEVERS = ("exact", "faiss-ivf", "faiss-hnsw", "torch-ivf")
+"""Retrieval backends by name (`longmem.memory.retrieval.make_retriever` builds them)."""
 
 
 @dataclass
@@ -35,7 +39,11 @@ class LongMemConfig:
     segment_length: int = 1024
     """Tokens per segment: the local context of one forward pass."""
     memory_dtype: str = "bfloat16"
-    """Storage dtype of cached keys/values ("float16", "bfloat16" or "float32")."""
+    """Storage dtype of cached keys/values ("float16", "bfloat16", "float32", or "int8": quantised, about half
+    the bytes of bfloat16)."""
+    retriever: str = "exact"
+    """Retrieval backend of new and loaded memories: "exact" (the reference), "faiss-ivf", "faiss-hnsw" (faiss
+    installed) or "torch-ivf" (docs/retrieval.md)."""
 
     def resolve(self, num_layers: int) -> "LongMemConfig":
         """Fill `None` defaults for a backbone of `num_layers` blocks and validate every field."""
@@ -60,6 +68,8 @@ class LongMemConfig:
             raise LongMemError(f"segment_length={self.segment_length} must be at least 2")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise LongMemError(f"memory_dtype={self.memory_dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
+        if self.retriever not in RETRIEVERS:
+            raise LongMemError(f"retriever={self.retriever!r} is not one of {', '.join(RETRIEVERS)}")
         return cfg
 
     @property

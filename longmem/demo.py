@@ -32,6 +32,8 @@ class DemoConfig:
     score_tokens: int = 8192
     """How many of the book's last tokens to score (the rest is read into memory first)."""
     device: str = "auto"
+    retriever: str | None = None
+    """Memory search backend (None: the model's)."""
 
 
 def load_book(cfg: DemoConfig):
@@ -130,7 +132,7 @@ def show_generation(model, tok, ids, far, first, T, results) -> None:
     print("prompt (end of the local segment): ..." + tok.decode(prompt[0, -40:].tolist()).replace("\n", " "))
     with torch.no_grad(), autocast(model.device):
         for label, use_memory in (("without memory", False), ("with memory", True)):
-            memory = model.new_memory(1)
+            memory = model.new_memory(1, retriever=cfg.retriever)
             if use_memory:
                 model.memorize(ids[None, :seg_start].to(model.device), memory, show_progress=True)
             out = model.generate(prompt, memory=memory, max_new_tokens=24, temperature=0)

@@ -91,14 +91,16 @@ class LongMemForCausalLM(nn.Module):
                           capacity=c.memory_size if memory_size is None else memory_size, dtype=c.memory_dtype,
                           fingerprint=f"{self.backbone_fingerprint}:layer{c.memory_layer}")
 
-    def new_memory(self, batch_size: int, memory_size: int | None = None, retriever: Retriever | None = None,
+    def new_memory(self, batch_size: int, memory_size: int | None = None, retriever: Retriever | str | None = None,
                    device: torch.device | str | None = None) -> MemoryBank:
-        """An empty memory with one bank per row (capacity `memory_size` tokens, default from the config)."""
-        return MemoryBank(self.memory_spec(memory_size), batch_size, device or self.device, retriever)
+        """An empty memory with one bank per row (capacity `memory_size` tokens, default from the config; retriever:
+        a backend name or index, default `config.retriever`)."""
+        return MemoryBank(self.memory_spec(memory_size), batch_size, device or self.device,
+                          retriever or self.config.retriever)
 
-    def load_memory(self, path: str | Path) -> MemoryBank:
-        """`MemoryBank.load` checked against this model."""
-        return MemoryBank.load(path, self.device, expect=self.memory_spec())
+    def load_memory(self, path: str | Path, retriever: Retriever | str | None = None) -> MemoryBank:
+        """`MemoryBank.load` checked against this model, searched by `retriever` (default `config.retriever`)."""
+        return MemoryBank.load(path, self.device, expect=self.memory_spec(), retriever=retriever or self.config.retriever)
 
     def _check_memory(self, memory: MemoryBank, batch_size: int) -> None:
         self.memory_spec().check_compatible(memory.spec)
@@ -139,7 +141,7 @@ class LongMemForCausalLM(nn.Module):
         head = self.adapter.lm_head
         logits = head(cast_unless_autocast(hidden, head.weight.dtype))
         if memory is not None and update_memory:
-            memory.write(bb.memory_keys, bb.memory_values, attention_mask)
+            memory.write(bb.memory_keys, bb.memory_values, attention_mask, token_ids=input_ids)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -159,7 +161,7 @@ class LongMemForCausalLM(nn.Module):
         for s in starts:
             mask = None if attention_mask is None else attention_mask[:, s:s + seg]
             bb, mask, _ = self._backbone(input_ids[:, s:s + seg], mask)
-            memory.write(bb.memory_keys, bb.memory_values, mask)
+            memory.write(bb.memory_keys, bb.memory_values, mask, token_ids=input_ids[:, s:s + seg])
         return memory
 
     # ---- generation ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from conftest import VOCAB, small_config, tiny_backbone
 from longmem import LongMemConfig, LongMemError, LongMemForCausalLM, MemoryBank, MemorySpec
 from longmem.config import MEMORY_DTYPES
 from longmem.memory import Retrieval, held_span
-from longmem.memory.bank import FORMAT, LEGACY_FORMAT, STATE
+from longmem.memory.bank import COUNTERS, FORMAT, LEGACY_FORMAT, PREVIOUS_FORMAT, SLOTTED
 
 H, D = 2, 8
 
@@ -166,10 +166,10 @@ def test_split_of_stack_gives_back_the_banks():
         assert_same_row(single, 0, back, 0)
         assert_same_row(single, 0, stacked, i)
         S = single.keys.shape[2]
-        for name in ("keys", "values", "chunk_keys"):  # the storage, zero-padded to the largest
+        for name in SLOTTED:  # the storage, zero-padded to the largest
             assert torch.equal(getattr(back, name)[:, :, :S], getattr(single, name))
             assert not getattr(back, name)[:, :, S:].any()
-        for name in STATE[3:]:
+        for name in COUNTERS:
             assert torch.equal(getattr(back, name), getattr(single, name)), name
     # banks of several rows stack in order too
     two = MemoryBank.stack([singles[2], MemoryBank.stack(singles[:2])])
@@ -214,13 +214,13 @@ def test_derived_banks_are_copies():
     write(mem, *segment(2, 11, seed=0))
     for other in (mem.to("cpu"), mem.select([0, 1]), MemoryBank.stack([mem]), *mem.split()):
         assert other is not mem and other.retriever is mem.retriever and other.spec == mem.spec
-        for name in STATE:
+        for name in mem.state:
             assert getattr(other, name).data_ptr() != getattr(mem, name).data_ptr(), name
     copy = mem.to(torch.device("cpu"))
     write(copy, *segment(2, 40, seed=1))
     assert mem.written.tolist() == [11, int(segment(2, 11, seed=0)[1][1].sum())]
     moved = mem.to("meta")
-    assert moved.device.type == "meta" and all(getattr(moved, n).device.type == "meta" for n in STATE)
+    assert moved.device.type == "meta" and all(getattr(moved, n).device.type == "meta" for n in mem.state)
     assert moved.keys.shape == mem.keys.shape
 
 
@@ -280,7 +280,7 @@ def read(path):
 def test_save_load_keeps_stream_positions_and_a_checksum_of_the_bytes(tmp_path):
     mem, path = saved(tmp_path)
     meta, tensors = read(path)
-    assert meta["format"] == FORMAT == "longmem.memory/2" and set(tensors) == set(STATE)
+    assert meta["format"] == FORMAT == "longmem.memory/3" and set(tensors) == set(mem.state) == set(SLOTTED + COUNTERS)
     h = hashlib.sha256((meta["spec"] + meta["batch_size"]).encode())
     for name in sorted(tensors):
         h.update(tensors[name].view(torch.uint8).numpy().tobytes())
@@ -314,7 +314,7 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
 def test_previous_format_still_loads_without_a_checksum(tmp_path):
     mem, path = saved(tmp_path)
     meta, tensors = read(path)
-    del tensors["written"], meta["sha256"]
+    del tensors["written"], tensors["token_ids"], tensors["pending_token_ids"], meta["sha256"]
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={**meta, "format": LEGACY_FORMAT})
     back = MemoryBank.load(tmp_path / "v1.safetensors")
     assert LEGACY_FORMAT == "longmem.memory/1"
@@ -333,10 +333,10 @@ def test_previous_format_still_loads_without_a_checksum(tmp_path):
         assert torch.equal(s["keys"], t["keys"]) and s["num_chunks"] == t["num_chunks"]
         assert s["next_slot"] == t["next_slot"] and s["num_pending"] == t["num_pending"]
         assert s["written"] - t["written"] == int(lost[row])
-    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata={**meta, "format": "longmem.memory/3"})
-    with pytest.raises(LongMemError, match=r"^.*v3.safetensors is not a longmem memory file \(format "
-                                           r"'longmem.memory/3', expected 'longmem.memory/2'\)$"):
-        MemoryBank.load(tmp_path / "v3.safetensors")
+    save_file(tensors, str(tmp_path / "v4.safetensors"), metadata={**meta, "format": "longmem.memory/4"})
+    with pytest.raises(LongMemError, match=r"^.*v4.safetensors is not a longmem memory file \(format "
+                                           r"'longmem.memory/4', expected 'longmem.memory/3'\)$"):
+        MemoryBank.load(tmp_path / "v4.safetensors")
     save_file(tensors, str(tmp_path / "no-written.safetensors"), metadata={**meta, "format": FORMAT,
                                                                          "sha256": "0" * 64})
     with pytest.raises(LongMemError, match="fails its checksum"):
@@ -374,12 +374,14 @@ def test_current_format_requires_the_stream_lengths(tmp_path):
 def test_one_table_of_memory_dtypes():
     from longmem.runtime import DTYPE_NAMES
 
-    assert MEMORY_DTYPES == ("float32", "bfloat16", "float16") and set(MEMORY_DTYPES) == set(DTYPE_NAMES.values())
-    assert [bank(dtype=name).keys.dtype for name in MEMORY_DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
-    with pytest.raises(LongMemError, match=r"^memory dtype 'int8' is not one of float32, bfloat16, float16$"):
-        bank(dtype="int8")
-    with pytest.raises(LongMemError, match=r"memory_dtype='int8' is not one of float32, bfloat16, float16$"):
-        LongMemConfig(memory_dtype="int8").resolve(4)
+    assert MEMORY_DTYPES == ("float32", "bfloat16", "float16", "int8")
+    assert set(MEMORY_DTYPES) - {"int8"} == set(DTYPE_NAMES.values())
+    assert [bank(dtype=name).keys.dtype for name in MEMORY_DTYPES] == [torch.float32, torch.bfloat16, torch.float16,
+                                                                       torch.int8]
+    with pytest.raises(LongMemError, match=r"^memory dtype 'int4' is not one of float32, bfloat16, float16, int8$"):
+        bank(dtype="int4")
+    with pytest.raises(LongMemError, match=r"memory_dtype='int4' is not one of float32, bfloat16, float16, int8$"):
+        LongMemConfig(memory_dtype="int4").resolve(4)
 
 
 def test_config_has_no_extra_field_and_reads_configs_that_had_one():

@@ -60,6 +60,7 @@ def test_memory_stays_bounded_on_a_long_document():
     model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config(segment_length=32)).eval()
     spec = model.memory_spec(32)
     bound = spec.capacity // spec.chunk_size * spec.num_kv_heads * (2 * spec.chunk_size + 1) * spec.head_dim * 4  # fp32
+    bound += spec.capacity * 4  # int32 token ids
     sizes = {}
     for n in (100, 600):  # both far beyond the 32-token capacity
         scorer = MemoryScorer(model, memory_size=32)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from longmem import LongMemError, MemoryBank, MemorySpec
-from longmem.memory.bank import checksum
+from longmem.memory.bank import SLOTTED, checksum
 
 H, D = 2, 8
 
@@ -264,7 +264,7 @@ def tampered(tmp_path, path, change):
 @pytest.mark.parametrize("change", [
     lambda t: t.update(num_chunks=t["num_chunks"] + 1),        # more chunks than stored slots
     lambda t: t.update(num_pending=torch.full_like(t["num_pending"], 4)),  # a full chunk still pending (C = 4)
-    lambda t: t.update({k: torch.cat([t[k]] * 9, dim=2) for k in ("keys", "values", "chunk_keys")}),  # 18 > 16 slots
+    lambda t: t.update({k: torch.cat([t[k]] * 9, dim=2) for k in SLOTTED}),  # 18 > 16 slots
 ])
 def test_counters_that_exceed_the_stored_data_are_refused(tmp_path, change):
     mem = bank(capacity=64, chunk=4)

@@ -38,6 +38,8 @@ class EvalOptions:
     """Seed for every random choice of the task."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
+    retriever: str = ""
+    """Memory search backend: exact, faiss-ivf, faiss-hnsw or torch-ivf (default: the model's)."""
 
 
 def model_fingerprint(path: str) -> str:

@@ -286,6 +286,7 @@ def run(opts: IclOptions) -> dict:
     if opts.seeds < 1 or opts.examples < 1:
         raise LongMemError("--seeds and --examples must be at least 1")
     model, tok = load_model(opts.model, opts.device)
+    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
     T, C = model.config.segment_length, model.config.chunk_size
     capacity = opts.memory_size or model.config.memory_size
     datasets = load_datasets(opts)

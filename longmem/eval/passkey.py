@@ -229,6 +229,7 @@ def run(opts: PasskeyOptions) -> dict:
 
     cells = grid(opts)
     model, tok = load_model(opts.model, opts.device)
+    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
     memory_size = opts.memory_size or model.config.memory_size
     if memory_size % model.config.chunk_size:
         raise LongMemError(f"--memory-size {memory_size} is not a multiple of the model's chunk_size "

@@ -226,6 +226,7 @@ def run(opts: PplOptions) -> dict:
     from longmem.runtime import load_model
 
     model, tok = load_model(opts.model, opts.device)
+    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
     resolved = resolve(opts, model)
     rows = build_rows(model, resolved["memory_sizes"], resolved["window"], resolved["stride"])
     docs = load_tokenized(opts, tok)

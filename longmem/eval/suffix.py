@@ -193,6 +193,7 @@ def run(opts: SuffixOptions) -> dict:
     from longmem.data.documents import load_documents
 
     model, tok = load_model(opts.model, opts.device)
+    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
     T = model.config.segment_length
     memory_size = opts.memory_size or model.config.memory_size
     if not MIN_OPENING_TOKENS <= opts.opening_tokens < T:

@@ -14,6 +14,12 @@ newest `capacity` chunked tokens (`held_span`, the one statement of the eviction
 Banks are values: `to`, `select`, `stack` and `split` return new banks, so single-sequence
 memories can be batched (`MemoryBank.stack([a, b])`) and unbatched (`bank.split()`).
 
+The bank owns its retrieval index (`retriever`, longmem.memory.retrieval) and drives it: every
+chunk written, every row reset, and a rebuild whenever a bank is derived or loaded. With
+`dtype="int8"` keys, values and search keys are stored as int8 with one float16 scale per vector
+(longmem.memory.quant) and read back in bfloat16. Each chunk keeps the token ids it was written
+with, when given (`write(..., token_ids=)`), so a memory can show what it holds as text.
+
 Shapes: B rows, Hkv key/value heads, S chunk slots, C chunk_size, D head dim, T tokens.
 """
 
@@ -31,12 +37,16 @@ import torch
 from longmem.config import MEMORY_DTYPES
 from longmem.errors import LongMemError
 from longmem.io import save_safetensors
-from longmem.memory.retrieval import ExactRetriever, Retrieval, Retriever
+from longmem.memory.quant import COMPUTE_DTYPE, SCALE_DTYPE, dequantize, quantize
+from longmem.memory.retrieval import ExactRetriever, Retrieval, Retriever, make_retriever
 
-FORMAT = "longmem.memory/2"        # + `written` per row and a sha256 of the tensor bytes
-LEGACY_FORMAT = "longmem.memory/1"  # still read: no checksum to verify, `written` rebuilt from the counters
-STATE = ("keys", "values", "chunk_keys", "num_chunks", "next_slot", "pending_keys", "pending_values", "num_pending",
-         "written")  # every tensor that makes up a bank's contents
+FORMAT = "longmem.memory/3"          # + token ids of the memorized tokens; int8 memories with their scales
+PREVIOUS_FORMAT = "longmem.memory/2"  # still read: token ids unknown (-1)
+LEGACY_FORMAT = "longmem.memory/1"    # still read: no checksum to verify, `written` rebuilt from the counters
+SLOTTED = ("keys", "values", "chunk_keys", "token_ids")      # tensors with a chunk-slot dim (dim 2)
+SCALES = ("key_scales", "value_scales", "chunk_key_scales")  # int8 memories only; also slotted
+COUNTERS = ("num_chunks", "next_slot", "pending_keys", "pending_values", "pending_token_ids", "num_pending", "written")
+NO_TOKEN = -1  # token id stored where `write` was given none
 
 
 def held_span(written: int, capacity: int, chunk_size: int) -> tuple[int, int]:
@@ -54,9 +64,15 @@ def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
     return h.hexdigest()
 
 
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat with CPU autocast off (under it, cat refuses float16 tensors: fp16 memories and int8 scales)."""
+    with torch.autocast("cpu", enabled=False):
+        return torch.cat(tensors, dim)
+
+
 def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
     """(B, Hkv, S, ...) -> (B, Hkv, slots, ...), zero-filled past S."""
-    return torch.cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
+    return _cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
 
 
 @dataclass(frozen=True)
@@ -80,26 +96,45 @@ class MemorySpec:
 
 class MemoryBank:
     def __init__(self, spec: MemorySpec, batch_size: int, device: torch.device | str = "cpu",
-                 retriever: Retriever | None = None):
+                 retriever: Retriever | str | None = None):
         if spec.capacity % spec.chunk_size:
             raise LongMemError(f"memory capacity {spec.capacity} must be a multiple of chunk_size {spec.chunk_size}")
         if spec.dtype not in MEMORY_DTYPES:
             raise LongMemError(f"memory dtype {spec.dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
         self.spec = spec
         self.batch_size = batch_size
-        self.retriever = retriever or ExactRetriever()
-        self.dtype = getattr(torch, spec.dtype)
+        self.retriever = make_retriever(retriever) if isinstance(retriever, str) else retriever or ExactRetriever()
+        self.quantized = spec.dtype == "int8"
+        self.dtype = getattr(torch, spec.dtype)                       # storage dtype
+        self.compute_dtype = COMPUTE_DTYPE if self.quantized else self.dtype  # what gather and tokens return
         B, H, C, D = batch_size, spec.num_kv_heads, spec.chunk_size, spec.head_dim
         self.max_chunks = spec.capacity // C
         self.keys = torch.empty(B, H, 0, C, D, dtype=self.dtype, device=device)    # (B, Hkv, S, C, D)
         self.values = torch.empty(B, H, 0, C, D, dtype=self.dtype, device=device)  # (B, Hkv, S, C, D)
         self.chunk_keys = torch.empty(B, H, 0, D, dtype=self.dtype, device=device)  # (B, Hkv, S, D)
+        self.token_ids = torch.empty(B, 1, 0, C, dtype=torch.int32, device=device)  # (B, 1, S, C), NO_TOKEN if unknown
+        if self.quantized:  # one float16 scale per token vector and per chunk key (longmem.memory.quant)
+            self.key_scales = torch.empty(B, H, 0, C, dtype=SCALE_DTYPE, device=device)    # (B, Hkv, S, C)
+            self.value_scales = torch.empty(B, H, 0, C, dtype=SCALE_DTYPE, device=device)  # (B, Hkv, S, C)
+            self.chunk_key_scales = torch.empty(B, H, 0, dtype=SCALE_DTYPE, device=device)  # (B, Hkv, S)
         self.num_chunks = torch.zeros(B, dtype=torch.long, device=device)  # chunks held per row
         self.next_slot = torch.zeros(B, dtype=torch.long, device=device)   # ring write position per row
-        self.pending_keys = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)    # (B, C, Hkv, D)
-        self.pending_values = torch.zeros(B, C, H, D, dtype=self.dtype, device=device)  # (B, C, Hkv, D)
+        # tokens waiting for their chunk to complete, kept unquantised
+        self.pending_keys = torch.zeros(B, C, H, D, dtype=self.compute_dtype, device=device)    # (B, C, Hkv, D)
+        self.pending_values = torch.zeros(B, C, H, D, dtype=self.compute_dtype, device=device)  # (B, C, Hkv, D)
+        self.pending_token_ids = torch.full((B, C), NO_TOKEN, dtype=torch.int32, device=device)  # (B, C)
         self.num_pending = torch.zeros(B, dtype=torch.long, device=device)
         self.written = torch.zeros(B, dtype=torch.long, device=device)  # tokens written per row since its reset
+
+    @property
+    def slotted(self) -> tuple[str, ...]:
+        """Names of the tensors with a chunk-slot dim (dim 2)."""
+        return SLOTTED + (SCALES if self.quantized else ())
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        """Names of every tensor that makes up the bank's contents (what `save` writes)."""
+        return self.slotted + COUNTERS
 
     # ---- sizes --------------------------------------------------------------------
     @property
@@ -121,11 +156,12 @@ class MemoryBank:
         return int(self.sizes.max())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.chunk_keys))
+        """Bytes of the chunk storage allocated (keys, values, chunk keys, token ids, int8 scales)."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.slotted)
 
     def __repr__(self) -> str:
         return (f"MemoryBank(rows={self.batch_size}, tokens={self.sizes.tolist()}, capacity={self.spec.capacity}, "
-                f"chunk_size={self.spec.chunk_size}, dtype={self.spec.dtype})")
+                f"chunk_size={self.spec.chunk_size}, dtype={self.spec.dtype}, retriever={self.retriever.name})")
 
     # ---- write ----------------------------------------------------------------------
     def _grow(self, needed: int) -> None:
@@ -133,30 +169,53 @@ class MemoryBank:
         if needed <= S:
             return
         new = min(self.max_chunks, max(needed, 2 * S, 64))
-        self.keys, self.values, self.chunk_keys = (_pad_slots(t, new) for t in
-                                                   (self.keys, self.values, self.chunk_keys))
+        for name in self.slotted:
+            setattr(self, name, _pad_slots(getattr(self, name), new))
+
+    def _store(self, b: int, slots: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write chunks ck, cv (Hkv, n, C, D) and their token ids (n, C) of row b into `slots` (n,)."""
+        mean = ck.float().mean(dim=2)  # (Hkv, n, D) the chunks' search keys
+        self.token_ids[b, 0, slots] = ids
+        if not self.quantized:
+            self.keys[b][:, slots] = ck
+            self.values[b][:, slots] = cv
+            self.chunk_keys[b][:, slots] = mean.to(self.dtype)
+            return
+        for data, scale, x in ((self.keys, self.key_scales, ck), (self.values, self.value_scales, cv),
+                               (self.chunk_keys, self.chunk_key_scales, mean)):
+            q, s = quantize(x)
+            data[b][:, slots] = q
+            scale[b][:, slots] = s
 
     @torch.no_grad()
-    def write(self, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Append a segment's keys/values (B, T, Hkv, D); positions where attention_mask == 0 are skipped."""
+    def write(self, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              token_ids: torch.Tensor | None = None) -> None:
+        """Append a segment's keys/values (B, T, Hkv, D); positions where attention_mask == 0 are skipped.
+        `token_ids` (B, T), when given, are stored with their tokens (`readable` shows them as text)."""
         B, T, H, D = keys.shape
         assert (B, H, D) == (self.batch_size, self.spec.num_kv_heads, self.spec.head_dim), (keys.shape, self.spec)
         assert values.shape == keys.shape
+        assert token_ids is None or token_ids.shape == (B, T), (None if token_ids is None else token_ids.shape, B, T)
         C = self.spec.chunk_size
-        keys, values = keys.to(self.device, self.dtype), values.to(self.device, self.dtype)
+        keys, values = keys.to(self.device, self.compute_dtype), values.to(self.device, self.compute_dtype)
+        if token_ids is None:
+            token_ids = torch.full((B, T), NO_TOKEN, dtype=torch.int32, device=self.device)
+        token_ids = token_ids.to(self.device, torch.int32)
         for b in range(B):
-            k, v = keys[b], values[b]  # (T, Hkv, D)
+            k, v, t = keys[b], values[b], token_ids[b]  # (T, Hkv, D), (T,)
             if attention_mask is not None:
                 keep = attention_mask[b].to(self.device).bool()
-                k, v = k[keep], v[keep]
+                k, v, t = k[keep], v[keep], t[keep]
             self.written[b] += k.shape[0]
             p = int(self.num_pending[b])
-            k = torch.cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
-            v = torch.cat([self.pending_values[b, :p], v])
+            k = _cat([self.pending_keys[b, :p], k])    # (p + T', Hkv, D)
+            v = _cat([self.pending_values[b, :p], v])
+            t = _cat([self.pending_token_ids[b, :p], t])  # (p + T',)
             n_new = k.shape[0] // C
             rest = k.shape[0] - n_new * C
             self.pending_keys[b, :rest] = k[n_new * C:]
             self.pending_values[b, :rest] = v[n_new * C:]
+            self.pending_token_ids[b, :rest] = t[n_new * C:]
             self.num_pending[b] = rest
             if n_new == 0:
                 continue
@@ -165,12 +224,11 @@ class MemoryBank:
             cv = v[drop * C:n_new * C].view(-1, C, H, D).permute(2, 0, 1, 3)
             self._grow(min(self.max_chunks, int(self.num_chunks[b]) + n_new))
             slots = (self.next_slot[b] + torch.arange(drop, n_new, device=self.device)) % self.max_chunks
-            self.keys[b][:, slots] = ck
-            self.values[b][:, slots] = cv
-            self.chunk_keys[b][:, slots] = ck.float().mean(dim=2).to(self.dtype)  # (Hkv, n, D)
+            self._store(b, slots, ck, cv, t[drop * C:n_new * C].view(-1, C))
             self.next_slot[b] = (self.next_slot[b] + n_new) % self.max_chunks
             start, end = held_span(int(self.written[b]), self.spec.capacity, C)
             self.num_chunks[b] = (end - start) // C
+            self.retriever.added(self, b, slots)
 
     def _rows(self, rows: Iterable[int] | torch.Tensor) -> torch.Tensor:
         """Row indices, or a bool mask of batch_size entries -> (n,) int64 indices, checked to be in range."""
@@ -190,18 +248,21 @@ class MemoryBank:
         idx = slice(None) if rows is None else self._rows(rows)
         for t in (self.num_chunks, self.next_slot, self.num_pending, self.written):
             t[idx] = 0
+        self.retriever.reset(self, None if rows is None else idx)
 
     # ---- banks as values -----------------------------------------------------------------
-    def _derived(self, batch_size: int, state) -> "MemoryBank":
-        """A new bank with this spec and retriever whose tensors (all of STATE) are state(name, tensor)."""
-        bank = type(self)(self.spec, batch_size, retriever=self.retriever)
-        for name in STATE:
+    def _derived(self, batch_size: int, state, device=None) -> "MemoryBank":
+        """A new bank with this spec and a fresh index of this retriever, whose tensors (all of `state`) are
+        state(name, tensor); the index is rebuilt from them."""
+        bank = type(self)(self.spec, batch_size, device=device or self.device, retriever=self.retriever.fresh())
+        for name in self.state:
             setattr(bank, name, state(name, getattr(self, name)))
+        bank.retriever.rebuild(bank)
         return bank
 
     def to(self, device: torch.device | str) -> "MemoryBank":
         """A copy of this bank on `device` (same spec, retriever and contents)."""
-        return self._derived(self.batch_size, lambda name, t: t.to(device, copy=True))
+        return self._derived(self.batch_size, lambda name, t: t.to(device, copy=True), device)
 
     def select(self, rows: Iterable[int] | torch.Tensor) -> "MemoryBank":
         """A new bank of the given rows (indices, repeats allowed, or a bool mask), in that order; copies."""
@@ -225,54 +286,95 @@ class MemoryBank:
                 raise LongMemError(f"cannot stack memories of different specs or devices ({other.spec} on "
                                    f"{other.device} vs {first.spec} on {first.device}); build them with one model")
         slots = max(b.keys.shape[2] for b in banks)
-        sized = lambda name, t: _pad_slots(t, slots) if name in ("keys", "values", "chunk_keys") else t
+        sized = lambda name, t: _pad_slots(t, slots) if name in first.slotted else t
         return first._derived(sum(b.batch_size for b in banks),
-                              lambda name, _: torch.cat([sized(name, getattr(b, name)) for b in banks]))
+                              lambda name, _: _cat([sized(name, getattr(b, name)) for b in banks]))
 
     # ---- read -----------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> Retrieval:
         """queries (B, Hkv, Q, D) -> the top-k chunk slots per query (k clipped to what is stored)."""
         return self.retriever.search(self, queries, min(k, self.slots_in_use))
 
+    def search_keys(self, slots: int | None = None) -> torch.Tensor:
+        """(B, Hkv, S, D) chunk search keys of the first `slots` slots (default: all allocated), dequantised."""
+        S = self.chunk_keys.shape[2] if slots is None else slots
+        if not self.quantized:
+            return self.chunk_keys[:, :, :S]
+        return dequantize(self.chunk_keys[:, :, :S], self.chunk_key_scales[:, :, :S])
+
+    def row_search_keys(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """(Hkv, n, D) float32 search keys of `slots` (n,) in `row` (what approximate indexes hold)."""
+        keys = self.chunk_keys[row][:, slots]
+        if self.quantized:
+            return dequantize(keys, self.chunk_key_scales[row][:, slots], torch.float32)
+        return keys.float()
+
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D)."""
+        """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D) (int8 memories: dequantised)."""
         B, H, Q, k = slots.shape
         S, C, D = self.keys.shape[2], self.spec.chunk_size, self.spec.head_dim
         offsets = torch.arange(B * H, device=slots.device).view(B, H, 1, 1) * S
         flat = (slots + offsets).reshape(-1)                          # (B*Hkv*Q*k,) rows of the flat table
-        keys = self.keys.view(B * H * S, C * D).index_select(0, flat)  # (B*Hkv*Q*k, C*D)
-        values = self.values.view(B * H * S, C * D).index_select(0, flat)
-        return keys.view(B, H, Q, k * C, D), values.view(B, H, Q, k * C, D)
+        out = []
+        for data, scales in ((self.keys, "key_scales"), (self.values, "value_scales")):
+            x = data.view(B * H * S, C * D).index_select(0, flat)     # (B*Hkv*Q*k, C*D)
+            if self.quantized:
+                s = getattr(self, scales).view(B * H * S, C).index_select(0, flat)  # (B*Hkv*Q*k, C)
+                x = dequantize(x.view(-1, C, D), s)                    # (B*Hkv*Q*k, C, D)
+            out.append(x.reshape(B, H, Q, k * C, D))
+        return out[0], out[1]
 
     def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s stored keys and values in write order (oldest first): (Hkv, N, D) each."""
-        n, start = int(self.num_chunks[row]), int(self.next_slot[row])
-        order = (start - n + torch.arange(n, device=self.device)) % self.max_chunks  # (n,) slots, oldest first
+        order = self.write_order(row)
         H, D = self.spec.num_kv_heads, self.spec.head_dim
-        return self.keys[row][:, order].reshape(H, -1, D), self.values[row][:, order].reshape(H, -1, D)
+        keys, values = self.keys[row][:, order], self.values[row][:, order]  # (Hkv, n, C, D)
+        if self.quantized:
+            keys = dequantize(keys, self.key_scales[row][:, order])
+            values = dequantize(values, self.value_scales[row][:, order])
+        return keys.reshape(H, -1, D), values.reshape(H, -1, D)
+
+    def write_order(self, row: int) -> torch.Tensor:
+        """(n,) the slots of row `row`'s stored chunks, oldest first."""
+        n, start = int(self.num_chunks[row]), int(self.next_slot[row])
+        return (start - n + torch.arange(n, device=self.device)) % self.max_chunks
 
     def chunk_positions(self, row: int) -> torch.Tensor:
         """(n,) stream position of each stored chunk's first token, in write order (the order of `tokens`)."""
         start, end = held_span(int(self.written[row]), self.spec.capacity, self.spec.chunk_size)
         return torch.arange(start, end, self.spec.chunk_size)
 
+    def slot_positions(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """Stream position of the first token of the chunk in each of `slots` (any shape) of row `row`, which must
+        hold a chunk there."""
+        n, oldest = int(self.num_chunks[row]), int(self.next_slot[row] - self.num_chunks[row])
+        age = (slots.cpu() - oldest) % self.max_chunks  # 0 = the oldest stored chunk
+        assert bool((age < n).all()), "a slot that holds no chunk"
+        return self.chunk_positions(row)[age]
+
+    def chunk_token_ids(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """(..., C) token ids (int32, NO_TOKEN where not recorded) of the chunks in `slots` (...) of row `row`."""
+        return self.token_ids[row, 0][slots.to(self.device)]
+
     # ---- persistence ------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the bank atomically as safetensors; the header holds the spec and a checksum of the tensors."""
         S = self.slots_in_use
-        tensors = {name: getattr(self, name).cpu() for name in STATE}
-        tensors.update({name: tensors[name][:, :, :S] for name in ("keys", "values", "chunk_keys")})
+        tensors = {name: getattr(self, name).cpu() for name in self.state}
+        tensors.update({name: tensors[name][:, :, :S] for name in self.slotted})
         meta = {"format": FORMAT, "spec": json.dumps(dataclasses.asdict(self.spec)), "batch_size": str(self.batch_size)}
         meta["sha256"] = checksum(tensors, meta["spec"] + meta["batch_size"])
         save_safetensors(path, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", expect: MemorySpec | None = None,
-             retriever: Retriever | None = None) -> "MemoryBank":
+             retriever: Retriever | str | None = None) -> "MemoryBank":
         """Load a bank saved by `save`; `expect` (a model's `memory_spec()`) checks it belongs to that model.
+        The retriever's index is built from the loaded contents.
 
-        The checksum of the tensor bytes is verified. Files of the previous format (`LEGACY_FORMAT`) load without
-        that check, and their chunk positions count from the oldest chunk they hold (`written` was not saved)."""
+        The checksum of the tensor bytes is verified. Files of the previous formats load too: format 2 without
+        token ids (shown as unknown), format 1 also without that check, and its chunk positions count from the
+        oldest chunk it holds (`written` was not saved)."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -285,40 +387,47 @@ class MemoryBank:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise LongMemError(f"memory file {path} is corrupt or truncated ({e}); re-create it with memorize") from e
         fmt = meta.get("format")
-        if fmt not in (FORMAT, LEGACY_FORMAT):
+        if fmt not in (FORMAT, PREVIOUS_FORMAT, LEGACY_FORMAT):
             raise LongMemError(f"{path} is not a longmem memory file (format {fmt!r}, expected {FORMAT!r})")
         try:
-            if fmt == FORMAT and meta.get("sha256") != checksum(tensors, meta["spec"] + meta["batch_size"]):
+            if fmt != LEGACY_FORMAT and meta.get("sha256") != checksum(tensors, meta["spec"] + meta["batch_size"]):
                 raise LongMemError(f"memory file {path} fails its checksum: its bytes changed since it was saved; "
                                    f"re-create it with memorize")
             spec = MemorySpec(**json.loads(meta["spec"]))
             bank = cls(spec, int(meta["batch_size"]), device, retriever)
             if fmt == LEGACY_FORMAT:
                 tensors["written"] = tensors["num_chunks"] * spec.chunk_size + tensors["num_pending"]
+            if fmt != FORMAT:
+                B, S, C = bank.batch_size, tensors["keys"].shape[2], spec.chunk_size
+                tensors["token_ids"] = torch.full((B, 1, S, C), NO_TOKEN, dtype=torch.int32)
+                tensors["pending_token_ids"] = torch.full((B, C), NO_TOKEN, dtype=torch.int32)
             bank._restore(tensors)
         except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
             raise LongMemError(f"memory file {path} has inconsistent contents ({type(e).__name__}: {e}); "
                                f"re-create it with memorize") from e
         if expect is not None:
             expect.check_compatible(spec)
+        bank.retriever.rebuild(bank)
         return bank
 
     def _restore(self, t: dict[str, torch.Tensor]) -> None:
         B, H, C, D = self.batch_size, self.spec.num_kv_heads, self.spec.chunk_size, self.spec.head_dim
         S = t["keys"].shape[2]
         expected = {"keys": (B, H, S, C, D), "values": (B, H, S, C, D), "chunk_keys": (B, H, S, D),
-                    "num_chunks": (B,), "next_slot": (B,), "pending_keys": (B, C, H, D),
-                    "pending_values": (B, C, H, D), "num_pending": (B,), "written": (B,)}
-        for name, shape in expected.items():
+                    "token_ids": (B, 1, S, C), "key_scales": (B, H, S, C), "value_scales": (B, H, S, C),
+                    "chunk_key_scales": (B, H, S), "num_chunks": (B,), "next_slot": (B,),
+                    "pending_keys": (B, C, H, D), "pending_values": (B, C, H, D), "pending_token_ids": (B, C),
+                    "num_pending": (B,), "written": (B,)}
+        for name in self.state:
             if name not in t:
                 raise KeyError(f"missing tensor {name!r}")
-            if tuple(t[name].shape) != shape:
-                raise ValueError(f"tensor {name!r} has shape {tuple(t[name].shape)}, the header implies {shape}")
+            if tuple(t[name].shape) != expected[name]:
+                raise ValueError(f"tensor {name!r} has shape {tuple(t[name].shape)}, the header implies {expected[name]}")
         if S > self.max_chunks or bool((t["num_chunks"] > S).any()) or bool((t["num_pending"] >= C).any()):
             raise ValueError("chunk counters exceed the stored data")
         self._grow(S)
-        for name in STATE:  # assignment casts to the bank's dtype and device
+        for name in self.state:  # assignment casts to the bank's dtype and device
             stored = getattr(self, name)
-            if name in ("keys", "values", "chunk_keys"):
+            if name in self.slotted:
                 stored = stored[:, :, :S]
             stored.copy_(t[name])

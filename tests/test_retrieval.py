@@ -1,0 +1,157 @@
+"""Retrieval backends against brute force: the two-stage exact top-k, approximate indexes' recall and eviction,
+and the index lifecycle (writes, FIFO overwrites, resets, derived and loaded banks)."""
+
+import pytest
+import torch
+
+from longmem import LongMemError, MemoryBank, MemorySpec
+from longmem.memory import ExactRetriever, make_retriever
+from longmem.memory.retrieval import topk_by_blocks
+
+H, D = 2, 16
+APPROX = ["torch-ivf", "faiss-ivf", "faiss-hnsw"]
+
+
+def bank(capacity, retriever="exact", rows=2, dtype="float32"):
+    return MemoryBank(MemorySpec(num_kv_heads=H, head_dim=D, chunk_size=4, capacity=capacity, dtype=dtype,
+                                 fingerprint="test"), rows, retriever=retriever)
+
+
+def small_index(name):
+    """An approximate index that builds from 64 chunks on (the defaults wait for 1,024)."""
+    r = make_retriever(name)
+    r.min_chunks = 64
+    return r
+
+
+def clustered(n, seed, centers=32):
+    """(n, H, D) keys around a few centers, like real attention keys (IVF needs structure to prune)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, H, D, generator=g) * 3
+    return c[torch.randint(0, centers, (n,), generator=g)] + torch.randn(n, H, D, generator=g)
+
+
+def write_tokens(mem, n, seed, segment=200):
+    keys = clustered(n, seed)
+    for s in range(0, n, segment):
+        k = keys[s:s + segment].expand(mem.batch_size, -1, -1, -1)
+        mem.write(k, -k)
+
+
+def brute(mem, queries, k):
+    """float32 brute force over each row's held chunks: (B, H, Q, k) sorted scores and slot sets."""
+    n = mem.slots_in_use
+    s = queries.float() @ mem.search_keys(n).float().transpose(-1, -2)  # (B, H, Q, n)
+    s.masked_fill_(torch.arange(n) >= mem.num_chunks[:, None, None, None], float("-inf"))
+    return s.topk(k, dim=-1)
+
+
+# ---- the exact backend --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [4, 16])
+def test_topk_by_blocks_equals_topk(block):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 5, 256, generator=g)
+    v, i = topk_by_blocks(s, 7, block)
+    ref = s.topk(7, dim=-1)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)  # no ties: same slots, same order
+    # ties: equal maxima in several blocks; the values are the brute-force values and each index holds its value
+    t = torch.randint(0, 4, (3, 5, 256), generator=g).float()
+    v, i = topk_by_blocks(t, 7, block)
+    assert torch.equal(v, t.topk(7, dim=-1).values) and torch.equal(t.gather(-1, i), v)
+    assert all(len(set(row)) == 7 for row in i.flatten(0, 1).tolist())  # distinct columns
+
+
+def test_exact_search_in_two_stages_equals_float32_brute_force():
+    mem = bank(capacity=4 * 3000)
+    mem.retriever = ExactRetriever(block=16)
+    write_tokens(mem, 4 * 2900 + 3, seed=1)  # 2,900 chunks
+    mem.reset(rows=[1])
+    write_tokens(mem, 4 * 2100, seed=2)  # rows of 3,000 and 2,100 chunks: empty slots must never be returned
+    q = torch.randn(2, H, 9, D)
+    assert mem.slots_in_use >= 4 * 16 * 16 and mem.slots_in_use % 16  # two stages; the last block padded
+    found, ref = mem.search(q, 16), brute(mem, q, 16)
+    assert torch.equal(found.scores, ref.values) and torch.equal(found.slots, ref.indices)
+    assert bool(found.valid.all())
+    flat = ExactRetriever(block=10 ** 9)  # one stage: torch.topk over everything
+    mem.retriever = flat
+    assert torch.equal(mem.search(q, 16).slots, found.slots)
+
+
+# ---- approximate backends -----------------------------------------------------------------------------------------
+def recall(found, ref):
+    hits = (found.slots[..., :, None] == ref.indices[..., None, :]).any(-1) & found.valid
+    return hits.float().mean().item()
+
+
+@pytest.mark.parametrize("name", APPROX)
+def test_approximate_recall_against_exact(name):
+    pytest.importorskip("faiss") if name.startswith("faiss") else None
+    mem = bank(capacity=4 * 4096, retriever=small_index(name))
+    write_tokens(mem, 4 * 4096, seed=3)
+    q = clustered(64, seed=4).permute(1, 0, 2)[None].expand(2, -1, -1, -1)  # queries near the keys (B, H, Q, D)
+    found = mem.search(q, 16)
+    assert found.slots.shape == (2, H, 64, 16)
+    assert recall(found, brute(mem, q, 16)) >= 0.9
+    # the scores are the inner products of the slots returned
+    s = (q[..., None, :] * mem.search_keys()[torch.arange(2)[:, None, None, None], torch.arange(H)[None, :, None, None],
+                                             found.slots]).sum(-1)
+    torch.testing.assert_close(found.scores, s, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", APPROX)
+def test_an_evicted_chunk_is_never_returned(name):
+    """Row 0 first holds keys aligned with the query, then FIFO overwrites them with keys that are not: a stale index
+    would still return the old slots' ids or scores."""
+    pytest.importorskip("faiss") if name.startswith("faiss") else None
+    mem = bank(capacity=4 * 512, retriever=small_index(name), rows=1)
+    target = torch.randn(H, D)
+    strong = target.expand(4 * 512, H, D) * 5 + torch.randn(4 * 512, H, D) * 0.1
+    mem.write(strong[None], strong[None])
+    q = target[None, :, None, :].expand(1, H, 3, D).contiguous()
+    before = mem.search(q, 16)
+    assert bool((before.scores > 4 * target.pow(2).sum(-1)[None, :, None, None]).all())
+    weak = clustered(4 * 300, seed=5)  # overwrites 300 of the 512 chunks
+    for s in range(0, weak.shape[0], 100):
+        mem.write(weak[None, s:s + 100], weak[None, s:s + 100])
+    found, ref = mem.search(q, 16), brute(mem, q, 16)
+    live = torch.arange(300, 512)  # slots still holding strong chunks (slots 0..299 were overwritten)
+    assert bool(torch.isin(found.slots, live).all())  # the best chunks are the surviving strong ones
+    torch.testing.assert_close(found.scores, ref.values, rtol=1e-4, atol=1e-3)
+    # evict everything strong: no returned score may come from a chunk no longer held
+    more = clustered(4 * 300, seed=6)
+    for s in range(0, more.shape[0], 100):
+        mem.write(more[None, s:s + 100], more[None, s:s + 100])
+    found = mem.search(q, 16)
+    keys = mem.search_keys()[0]  # (H, S, D)
+    held = (q[0, :, :1] @ keys.transpose(1, 2)).amax(-1)  # the best score any held chunk gives
+    assert bool((found.scores[0, :, :, 0] <= held + 1e-3).all())
+
+
+@pytest.mark.parametrize("name", APPROX)
+def test_index_follows_reset_select_stack_and_load(name, tmp_path):
+    pytest.importorskip("faiss") if name.startswith("faiss") else None
+    mem = bank(capacity=4 * 512, retriever=small_index(name))
+    write_tokens(mem, 4 * 700, seed=7)  # wrapped
+    q = clustered(8, seed=8).permute(1, 0, 2)[None].expand(2, -1, -1, -1).contiguous()
+    ref = mem.search(q, 8)
+    for other in (mem.select([1, 0]).select([1, 0]), MemoryBank.stack(mem.split()), mem.to("cpu")):
+        assert other.retriever is not mem.retriever and other.retriever.name == mem.retriever.name
+        assert torch.equal(other.search(q, 8).slots, ref.slots)
+    mem.save(tmp_path / "m.safetensors")
+    back = MemoryBank.load(tmp_path / "m.safetensors", retriever=small_index(name))
+    assert torch.equal(back.search(q, 8).slots, ref.slots)
+    mem.reset(rows=[0])
+    after = mem.search(q, 8)
+    assert not bool(after.valid[0].any()) and torch.equal(after.slots[1], ref.slots[1])
+    write_tokens(mem, 4 * 80, seed=9)  # row 0 refills (80 chunks) while row 1 keeps its 512
+    ref0 = brute(mem, q, 8)
+    # row 0's new index has 16 lists, fewer than the probes: it finds the exact top-k
+    torch.testing.assert_close(mem.search(q, 8).scores[0], ref0.values[0], rtol=1e-5, atol=1e-4)
+
+
+def test_retriever_names():
+    assert isinstance(make_retriever("exact"), ExactRetriever)
+    with pytest.raises(LongMemError, match=r"^unknown retriever 'annoy'; choose one of exact, faiss-ivf, faiss-hnsw, "
+                                           r"torch-ivf$"):
+        make_retriever("annoy")
+    assert bank(64, retriever="torch-ivf").retriever.name == "torch-ivf"
