@@ -12,7 +12,6 @@ import torch
 from conftest import VOCAB
 from longmem.backbone.base import BackboneAdapter
 from longmem.decoding import IncrementalDecoder, RecomputeDecoder, make_decoder
-from longmem.memory.bank import STATE
 from longmem.sidenet import LayerCache
 from test_reference_forward import perturbed_model
 
@@ -59,7 +58,7 @@ def assert_decoders_agree(model, lengths, steps=STEPS):
             overflows += ref.ctx.shape[1] < before
     assert worst <= 1e-4, f"logits differ by {worst:.2e}"
     assert overflows >= 2
-    for name in STATE:  # the memory is written exactly as by the reference
+    for name in ref.memory.state:  # the memory is written exactly as by the reference
         assert torch.equal(getattr(ref.memory, name), getattr(inc.memory, name)), name
     assert torch.equal(ref.ctx, inc.ctx)
 
