@@ -148,11 +148,26 @@ class LongMemForCausalLM(nn.Module):
     @torch.no_grad()
     def memorize(self, input_ids: torch.Tensor, memory: MemoryBank, attention_mask: torch.Tensor | None = None,
                  show_progress: bool = False) -> MemoryBank:
-        """Stream a long input (B, N) into `memory`, one segment at a time through the backbone only."""
+        """Stream a long input (B, N) into `memory`, one segment at a time through the backbone only.
+
+        Segments are independent backbone runs, so leading segments whose tokens the memory would evict anyway
+        (every row's tokens older than what `held_span` keeps at the end) are not run: the bank only counts them
+        (`MemoryBank.advance`). The result is the same as reading everything, and a long input costs about what
+        its last `capacity` tokens cost."""
         B, N = input_ids.shape
         self._check_memory(memory, B)
-        seg = self.config.segment_length
-        starts = range(0, N, seg)
+        seg, C, capacity = self.config.segment_length, memory.spec.chunk_size, memory.spec.capacity
+        K = -(-N // seg)  # segments
+        real = torch.ones(B, N, dtype=torch.long, device=memory.device) if attention_mask is None \
+            else attention_mask.to(memory.device, torch.long)
+        counts = F.pad(real, (0, K * seg - N)).view(B, K, seg).sum(-1)  # (B, K) real tokens per segment
+        ends = memory.written[:, None] + counts.cumsum(1)  # (B, K) stream position after each segment
+        first_held = (ends[:, -1] // C * C - capacity).clamp(min=0)  # (B,) held_span's start once all is written
+        evicted = (counts == 0) | (ends <= first_held[:, None])  # (B, K) nothing of it survives in that row
+        skip = int(evicted.all(0).long().cumprod(0).sum())  # leading segments evicted in every row
+        if skip:
+            memory.advance(counts[:, :skip].sum(1))
+        starts = range(skip * seg, N, seg)
         if show_progress:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="memorize", unit="seg")
