@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from longmem.backbone import adapter_for
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
+from longmem.loss import next_token_loss, shift_labels
 from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever
 from longmem.runtime import cast_unless_autocast
 from longmem.sidenet import SegmentContext, SideNet
@@ -30,7 +31,8 @@ from longmem.sidenet import SegmentContext, SideNet
 @dataclass
 class LongMemOutput(ModelOutput):
     loss: torch.Tensor | None = None
-    """Mean next-token cross-entropy over `labels` (shifted inside, -100 ignored), if labels were given."""
+    """Mean next-token cross-entropy if labels were given: labels unshifted, shifted inside, -100 ignored, as in
+    HuggingFace (`longmem.loss`, the function training uses too)."""
     logits: torch.Tensor | None = None
     """(B, T, V) next-token logits."""
     retrieval: Retrieval | None = None
@@ -142,7 +144,7 @@ class LongMemForCausalLM(nn.Module):
             memory.write(bb.memory_keys, bb.memory_values, attention_mask)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(logits, shift_labels(labels))
         return LongMemOutput(loss=loss, logits=logits, retrieval=retrieval)
 
     @torch.no_grad()
