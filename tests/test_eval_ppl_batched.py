@@ -154,7 +154,7 @@ def test_ppl_run_batched_equals_one_at_a_time_and_resumes(checkpoint, docs, tok,
 
 def test_ppl_rejects_bad_batching_options(checkpoint, docs, tmp_path):
     from longmem.errors import LongMemError
-    for flag, opts in (("--batch-size", dict(batch_size=0)), ("--piece-tokens", dict(piece_tokens=-1))):
+    for flag, opts in (("--batch-size", dict(batch_size=-1)), ("--piece-tokens", dict(piece_tokens=-1))):
         with pytest.raises(LongMemError, match=flag):
             ppl.run(PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "x.json"), device="cpu", **opts))
 

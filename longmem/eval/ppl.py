@@ -57,8 +57,9 @@ class PplOptions(EvalOptions):
     max_doc_tokens: int = field(default=0, metadata={
         "help": "score only each document's first N tokens, a quicker run (0: whole documents)"})
     split: str = field(default="dev", metadata={"help": "split of a prepared data folder to evaluate"})
-    batch_size: int = field(default=4, metadata={
-        "help": "document pieces scored side by side in one batch (the numbers do not depend on it)"})
+    batch_size: int = field(default=0, metadata={
+        "help": "document pieces scored side by side in one batch; the numbers do not depend on it (0: 1 on a CPU, "
+                "where batching measured no faster per token, 8 on a GPU)"})
     piece_tokens: int = field(default=0, metadata={
         "help": "documents are scored and saved in pieces of this many tokens, rounded up to whole segments "
                 "(0: max(32768, 2 x the largest memory size)); a piece's memory first reads what it would hold"})
@@ -262,8 +263,8 @@ class PplTask(Task):
         opts = self.opts
         if opts.max_doc_tokens < 0:
             raise LongMemError(f"--max-doc-tokens {opts.max_doc_tokens} must be 0 (whole documents) or positive")
-        if opts.batch_size < 1:
-            raise LongMemError(f"--batch-size {opts.batch_size} must be at least 1")
+        if opts.batch_size < 0:
+            raise LongMemError(f"--batch-size {opts.batch_size} must be 0 (automatic) or positive")
         if opts.piece_tokens < 0:
             raise LongMemError(f"--piece-tokens {opts.piece_tokens} must be 0 (automatic) or positive")
 
@@ -286,11 +287,12 @@ class PplTask(Task):
                       split_document(doc_id, x, r["piece_tokens"], r["segment_length"])]
         total = sum(len(ids) for _, _, ids in docs)
         intro = (f"ppl: {len(docs)} documents, {total:,} tokens in {len(items)} pieces of up to "
-                 f"{r['piece_tokens']:,}; {len(self.rows)} rows, {opts.batch_size} pieces per batch")
+                 f"{r['piece_tokens']:,}; {len(self.rows)} rows")
         return Plan(config, data_fingerprint(f"{i}\n{text}" for i, text, _ in docs), items, intro)
 
     def evaluate(self, todo, result, bar):
-        scorers = [row.make(self.opts.batch_size) for row in self.rows]
+        lanes = self.opts.batch_size or (1 if self.model.device.type == "cpu" else 8)
+        scorers = [row.make(lanes) for row in self.rows]
         by_key = {item.key: item.data for item in todo}
 
         def done(piece, logprobs):

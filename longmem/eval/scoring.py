@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), targets (B, T) -> log p(target) (B, T) in float32."""
-    return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    """logits (B, T, V), targets (B, T) -> log p(target) (B, T) in float32 (logit minus logsumexp: one pass over
+    the vocabulary, several times faster than cross_entropy on the transposed logits)."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
 class Scorer:
