@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from longmem.backbone import adapter_for
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
+from longmem.loss import next_token_loss, shift_labels
 from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever
 from longmem.runtime import cast_unless_autocast
 from longmem.sidenet import SegmentContext, SideNet
@@ -30,7 +31,8 @@ from longmem.sidenet import SegmentContext, SideNet
 @dataclass
 class LongMemOutput(ModelOutput):
     loss: torch.Tensor | None = None
-    """Mean next-token cross-entropy over `labels` (shifted inside, -100 ignored), if labels were given."""
+    """Mean next-token cross-entropy if labels were given: labels unshifted, shifted inside, -100 ignored, as in
+    HuggingFace (`longmem.loss`, the function training uses too)."""
     logits: torch.Tensor | None = None
     """(B, T, V) next-token logits."""
     retrieval: Retrieval | None = None
@@ -144,17 +146,32 @@ class LongMemForCausalLM(nn.Module):
             memory.write(bb.memory_keys, bb.memory_values, attention_mask, token_ids=input_ids)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(logits, shift_labels(labels))
         return LongMemOutput(loss=loss, logits=logits, retrieval=retrieval)
 
     @torch.no_grad()
     def memorize(self, input_ids: torch.Tensor, memory: MemoryBank, attention_mask: torch.Tensor | None = None,
                  show_progress: bool = False) -> MemoryBank:
-        """Stream a long input (B, N) into `memory`, one segment at a time through the backbone only."""
+        """Stream a long input (B, N) into `memory`, one segment at a time through the backbone only.
+
+        Segments are independent backbone runs, so leading segments whose tokens the memory would evict anyway
+        (every row's tokens older than what `held_span` keeps at the end) are not run: the bank only counts them
+        (`MemoryBank.advance`). The result is the same as reading everything, and a long input costs about what
+        its last `capacity` tokens cost."""
         B, N = input_ids.shape
         self._check_memory(memory, B)
-        seg = self.config.segment_length
-        starts = range(0, N, seg)
+        seg, C, capacity = self.config.segment_length, memory.spec.chunk_size, memory.spec.capacity
+        K = -(-N // seg)  # segments
+        real = torch.ones(B, N, dtype=torch.long, device=memory.device) if attention_mask is None \
+            else attention_mask.to(memory.device, torch.long)
+        counts = F.pad(real, (0, K * seg - N)).view(B, K, seg).sum(-1)  # (B, K) real tokens per segment
+        ends = memory.written[:, None] + counts.cumsum(1)  # (B, K) stream position after each segment
+        first_held = (ends[:, -1] // C * C - capacity).clamp(min=0)  # (B,) held_span's start once all is written
+        evicted = (counts == 0) | (ends <= first_held[:, None])  # (B, K) nothing of it survives in that row
+        skip = int(evicted.all(0).long().cumprod(0).sum())  # leading segments evicted in every row
+        if skip:
+            memory.advance(counts[:, :skip].sum(1))
+        starts = range(skip * seg, N, seg)
         if show_progress:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="memorize", unit="seg")

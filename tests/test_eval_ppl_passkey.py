@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DOCS, TEXT, VOCAB, small_config, tiny_backbone
+from conftest import VOCAB, small_config, tiny_backbone
 from longmem import LongMemForCausalLM
 from longmem.errors import LongMemError
 from longmem.eval import passkey, ppl
@@ -21,10 +21,6 @@ from longmem.eval.scoring import MemoryScorer, score_document
 
 def tiny_model():
     return LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config(memory_size=64)).eval()
-
-
-def strip_costs(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("peak_rss_mib", "seconds")}
 
 
 # ---- the sliding-window baseline ----------------------------------------------------------------------
@@ -71,60 +67,7 @@ def test_memory_stays_bounded_on_a_long_document():
     assert sizes[100] == sizes[600] == bound
 
 
-# ---- ppl end to end -------------------------------------------------------------------------------------
-def test_ppl_run_scores_every_token_once_resumes_and_is_deterministic(checkpoint, docs, tok, tmp_path, monkeypatch):
-    opts = PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "ppl.json"), device="cpu",
-                      memory_sizes="32,64", window=64)
-    s = ppl.run(opts)
-    lengths = {name: len(tok(TEXT * n)["input_ids"]) for name, n in DOCS}
-    assert s["docs"] == 3 and s["tokens"] == sum(n - 1 for n in lengths.values())
-    assert s["window"] == 64 and s["stride"] == 32 and s["memory_sizes"] == [32, 64]
-    assert set(s["rows"]) == {"backbone", "backbone_window", "longmem_no_memory", "longmem_memory_32",
-                              "longmem_memory_64"}
-    assert all(r["ppl"] > 1 for r in s["rows"].values())
-    overall = {k: v["ppl"] for k, v in s["rows"].items()}
-    assert s["buckets"] == {"<8k": {"docs": 3, "tokens": s["tokens"], "ppl": overall}}
-    assert s["memory_bank_mib"]["longmem_memory_32"] < s["memory_bank_mib"]["longmem_memory_64"]
-    assert s["peak_rss_mib"] > 0
-
-    # resume: every document is done, so nothing is scored and the summary is the same
-    monkeypatch.setattr(ppl, "score_one", lambda *a: pytest.fail("resumed run scored again"))
-    assert ppl.run(opts) == s
-    with pytest.raises(LongMemError, match="different run"):
-        ppl.run(dataclasses.replace(opts, memory_sizes="64"))
-    monkeypatch.undo()
-
-    # every token but each document's first is scored once
-    first = json.loads(Path(opts.out).read_text())["examples"]
-    assert {k: (d["tokens"], d["scored"]) for k, d in first.items()} == {k: (n, n - 1) for k, n in lengths.items()}
-
-    # interrupted after one document, a second run scores only the other two, and gets the same numbers
-    calls, score_one = [], ppl.score_one
-
-    def interrupt_second(*a):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return score_one(*a)
-
-    cut = dataclasses.replace(opts, out=str(tmp_path / "cut.json"))
-    monkeypatch.setattr(ppl, "score_one", interrupt_second)
-    with pytest.raises(KeyboardInterrupt):
-        ppl.run(cut)
-    assert len(json.loads(Path(cut.out).read_text())["examples"]) == 1
-    calls.clear()
-    monkeypatch.setattr(ppl, "score_one", lambda *a: calls.append(1) or score_one(*a))
-    assert strip_costs(ppl.run(cut)) == strip_costs(s) and len(calls) == 2
-    monkeypatch.undo()
-
-    # --limit picks a seeded subset of the documents
-    one = dataclasses.replace(opts, out=str(tmp_path / "one.json"), limit=1, seed=3)
-    r = ppl.run(one)
-    assert r["docs"] == 1 and ppl.run(one) == r
-    (doc, detail), = json.loads(Path(one.out).read_text())["examples"].items()
-    assert detail["nll"] == first[doc]["nll"] and detail["scored"] == first[doc]["scored"]
-
-
+# ---- ppl end to end (more in test_eval_ppl_batched.py) ---------------------------------------------
 def test_ppl_rejects_a_window_beyond_the_backbone(checkpoint, docs, tmp_path):
     with pytest.raises(LongMemError, match="--window 256 exceeds"):
         ppl.run(PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "x.json"), device="cpu", window=256))

@@ -67,6 +67,21 @@ def test_model_loss_is_the_mean_shifted_nll_over_labelled_targets(family, with_m
         torch.testing.assert_close(plain.double(), -lp[:, :-1].gather(2, x[:, 1:, None]).mean(), **TOL)
 
 
+def test_forward_and_training_share_one_loss():
+    """forward(labels=x) (unshifted, HF) and the trainer's aligned targets give the same loss for the same targets."""
+    from longmem.loss import shift_labels
+    from longmem.training import step
+
+    model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config()).eval()
+    x = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = torch.full_like(x, IGNORE_INDEX)
+    targets[:, :-1] = x[:, 1:]  # what a stream gives: the next input, none after the last
+    assert torch.equal(shift_labels(x), targets)
+    with torch.no_grad():
+        out = model(x, labels=x)
+        assert torch.equal(out.loss, step.next_token_loss(out.logits, targets))
+
+
 # ---- the trainer's loss -------------------------------------------------------------------------------
 def toy_corpus(lengths, seed=0, eos=0) -> TokenizedCorpus:
     """Documents of the given numbers of text tokens (ids 1..VOCAB-1, never eos)."""

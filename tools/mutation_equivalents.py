@@ -97,10 +97,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      'scores = scores.float().masked_fill(~valid & any_valid, float("-inf"))',
      'scores = scores.float().masked_fill(~valid & any_valid, float("-INF"))',
      'float() parses "-INF" as minus infinity too'),
-    ("longmem.training.step.next_token_loss",
-     "return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,\n"
+    ("longmem.loss.next_token_loss",
+     "return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,\n"
      "reduction=reduction)",
-     "return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)",
+     "return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)",
      "cross_entropy's default ignore_index is -100, which is IGNORE_INDEX"),
 ]
 

@@ -36,21 +36,14 @@ from __future__ import annotations
 import hashlib
 import random
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.common import (
-    EvalOptions,
-    ResultFile,
-    data_fingerprint,
-    markdown_table,
-    model_fingerprint,
-    options_dict,
-)
+from longmem.eval.common import EvalOptions, data_fingerprint, markdown_table, options_dict
+from longmem.eval.runner import Item, Plan, Task
 from longmem.eval.scoring import score_continuations
 from longmem.memory import held_span
 
@@ -272,81 +265,93 @@ def summarize(ds_details: dict[str, list[dict]], labels: dict[str, list[str]],
 
 
 # ---- the task ----------------------------------------------------------------------------------
-def run(opts: IclOptions) -> dict:
-    """In-context learning with k demonstrations in context, with and without N more in memory."""
-    from tqdm.auto import tqdm
+class IclTask(Task):
+    name = TASK
 
-    from longmem.runtime import autocast, load_model
+    def check(self):
+        opts = self.opts
+        for flag, v in (("--memory-demos", opts.memory_demos), ("--context-demos", opts.context_demos),
+                        ("--max-demo-tokens", opts.max_demo_tokens)):
+            least = 1 if flag == "--max-demo-tokens" else 0
+            if v < least:
+                raise LongMemError(f"{flag} {v} must be at least {least}")
+        if opts.seeds < 1 or opts.examples < 1:
+            raise LongMemError("--seeds and --examples must be at least 1")
 
-    for flag, v in (("--memory-demos", opts.memory_demos), ("--context-demos", opts.context_demos),
-                    ("--max-demo-tokens", opts.max_demo_tokens)):
-        least = 1 if flag == "--max-demo-tokens" else 0
-        if v < least:
-            raise LongMemError(f"{flag} {v} must be at least {least}")
-    if opts.seeds < 1 or opts.examples < 1:
-        raise LongMemError("--seeds and --examples must be at least 1")
-    model, tok = load_model(opts.model, opts.device)
-    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
-    T, C = model.config.segment_length, model.config.chunk_size
-    capacity = opts.memory_size or model.config.memory_size
-    datasets = load_datasets(opts)
-    n_test = min(opts.examples, opts.limit) if opts.limit is not None else opts.examples
-    fp = data_fingerprint(f"{ds.name}\t{e.label}\t{e.text}" for ds in datasets for e in ds.train + ds.test)
-    config = options_dict(opts, resolved_memory_size=capacity)
-    results = ResultFile.open(opts.out or f"results/{TASK}.json", TASK, config, model_fingerprint(opts.model), fp)
-    jobs = []  # (dataset, prompter, plan, [(key, pool index, example)]), one per dataset and seed
-    for ds in datasets:
-        if len(ds.train) < opts.memory_demos + opts.context_demos:
-            print(f"note: {ds.name} has {len(ds.train)} train examples, fewer than --memory-demos + --context-demos "
-                  f"= {opts.memory_demos + opts.context_demos}; the memory gets "
-                  f"{max(0, len(ds.train) - opts.context_demos)}")
-        prompter = Prompter(tok, ds.template, ds.labels, opts.max_demo_tokens)
-        for seed in range(opts.seed, opts.seed + opts.seeds):
-            plan = plan_seed(ds, seed, opts.memory_demos, opts.context_demos, n_test)
-            jobs.append((ds, prompter, plan, [(f"{ds.name}/{seed}/{j}", i, e) for j, (i, e) in enumerate(plan.tests)]))
-    total = sum(len(keys) for *_, keys in jobs)
-    todo = sum(not results.done(k) for *_, keys in jobs for k, _, _ in keys)
-    print(f"icl: {len(datasets)} dataset(s) x {opts.seeds} seeds x {n_test} tests = {total} examples "
-          f"({total - todo} already done); N={opts.memory_demos} in memory (capacity {capacity:,} tokens), "
-          f"k={opts.context_demos} in context of {T} tokens")
-    mem_info: dict[str, dict] = {}
-    t0 = time.time()
-    bar = tqdm(total=todo, desc="icl", unit="example")
-    with torch.no_grad(), autocast(model.device):
-        for ds, prompter, plan, keys in jobs:
-            demo_ids = [prompter.demo(e) for e in plan.memory]
-            stats = memory_stats([len(d) for d in demo_ids], capacity, C)
-            info = mem_info.setdefault(ds.name, {"first_tokens": {lb: ids[0] for lb, ids in prompter.label_ids.items()},
-                                                 "split": ds.split, "train_pool": len(ds.train),
-                                                 "test_pool": len(ds.test), "capacity": capacity, "per_seed": []})
-            info["per_seed"].append(stats)
-            if all(results.done(k) for k, _, _ in keys):
+    def plan(self) -> Plan:
+        opts, T = self.opts, self.model.config.segment_length
+        self.capacity = opts.memory_size or self.model.config.memory_size
+        self.datasets = load_datasets(opts)
+        n_test = min(opts.examples, opts.limit) if opts.limit is not None else opts.examples
+        fp = data_fingerprint(f"{ds.name}\t{e.label}\t{e.text}" for ds in self.datasets for e in ds.train + ds.test)
+        self.jobs = []  # (dataset, prompter, plan, [(key, pool index, example)]), one per dataset and seed
+        items = []
+        for ds in self.datasets:
+            if len(ds.train) < opts.memory_demos + opts.context_demos:
+                print(f"note: {ds.name} has {len(ds.train)} train examples, fewer than --memory-demos + "
+                      f"--context-demos = {opts.memory_demos + opts.context_demos}; the memory gets "
+                      f"{max(0, len(ds.train) - opts.context_demos)}")
+            prompter = Prompter(self.tok, ds.template, ds.labels, opts.max_demo_tokens)
+            for seed in range(opts.seed, opts.seed + opts.seeds):
+                plan = plan_seed(ds, seed, opts.memory_demos, opts.context_demos, n_test)
+                keys = [(f"{ds.name}/{seed}/{j}", i, e) for j, (i, e) in enumerate(plan.tests)]
+                self.jobs.append((ds, prompter, plan, keys))
+                items += [Item(k, 1, (ds.name, seed)) for k, _, _ in keys]
+        self.mem_info = self._memory_info()
+        intro = (f"icl: {len(self.datasets)} dataset(s) x {opts.seeds} seeds x {n_test} tests = {len(items)} "
+                 f"examples; N={opts.memory_demos} in memory (capacity {self.capacity:,} tokens), "
+                 f"k={opts.context_demos} in context of {T} tokens")
+        return Plan(options_dict(opts, resolved_memory_size=self.capacity), fp, items, intro)
+
+    def _memory_info(self) -> dict[str, dict]:
+        """Per dataset: what the memory holds for each seed (from the bank's eviction rule) and the labels' tokens."""
+        info: dict[str, dict] = {}
+        for ds, prompter, plan, _ in self.jobs:
+            stats = memory_stats([len(prompter.demo(e)) for e in plan.memory], self.capacity,
+                                 self.model.config.chunk_size)
+            entry = info.setdefault(ds.name, {"first_tokens": {lb: ids[0] for lb, ids in prompter.label_ids.items()},
+                                              "split": ds.split, "train_pool": len(ds.train),
+                                              "test_pool": len(ds.test), "capacity": self.capacity, "per_seed": []})
+            entry["per_seed"].append(stats)
+        return info
+
+    def evaluate(self, todo, result, bar):
+        T = self.model.config.segment_length
+        for ds, prompter, plan, keys in self.jobs:
+            if all(result.done(k) for k, _, _ in keys):
                 continue
-            memory = model.new_memory(1, memory_size=capacity)
+            memory = self.model.new_memory(1, memory_size=self.capacity)
+            demo_ids = [prompter.demo(e) for e in plan.memory]
             if demo_ids:
-                model.memorize(torch.tensor([[t for d in demo_ids for t in d]], device=model.device), memory)
+                self.model.memorize(torch.tensor([[t for d in demo_ids for t in d]], device=self.model.device), memory)
             context = [prompter.demo(e) for e in plan.context]
             for key, index, example in keys:
-                if results.done(key):
+                if result.done(key):
                     continue
                 prompt, kept = prompter.context(context, prompter.query(example.text), T)
-                results.add(key, {"dataset": ds.name, "seed": plan.seed, "index": index, "gold": example.label,
-                                  "context_demos": kept, "prompt_tokens": len(prompt),
-                                  "no_memory": score_labels(model, prompter, prompt),
-                                  "memory": score_labels(model, prompter, prompt, memory)})
+                result.add(key, {"dataset": ds.name, "seed": plan.seed, "index": index, "gold": example.label,
+                                 "context_demos": kept, "prompt_tokens": len(prompt),
+                                 "no_memory": score_labels(self.model, prompter, prompt),
+                                 "memory": score_labels(self.model, prompter, prompt, memory)})
                 bar.update(1)
-    bar.close()
-    details: dict[str, list[dict]] = {ds.name: [] for ds in datasets}
-    for ds, _, _, keys in jobs:
-        details[ds.name] += [results.examples[k] for k, _, _ in keys]
-    summary, table = summarize(details, {ds.name: ds.labels for ds in datasets}, mem_info)
-    results.finish(summary, table)
-    print(table)
-    for name, s in summary.items():
-        m = s.get("memory_bank")
-        if m and m["evicted"]:
-            print(f"note: {name}: the {opts.memory_demos} demonstrations take {m['demo_tokens']:,.0f} tokens, more "
-                  f"than the memory's {capacity:,}; the oldest were evicted, {m['demos_held']:.0f} are held "
-                  f"(mean over seeds)")
-    print(f"{todo} examples scored in {time.time() - t0:.1f} s; results -> {Path(results.path)}")
-    return summary
+
+    def summarize(self, details):
+        by_name: dict[str, list[dict]] = {ds.name: [] for ds in self.datasets}
+        for d in details:
+            by_name[d["dataset"]].append(d)
+        return summarize(by_name, {ds.name: ds.labels for ds in self.datasets}, self.mem_info)
+
+    def notes(self, summary):
+        out = []
+        for name, s in summary.items():
+            m = s.get("memory_bank")
+            if m and m["evicted"]:
+                out.append(f"note: {name}: the {self.opts.memory_demos} demonstrations take {m['demo_tokens']:,.0f} "
+                           f"tokens, more than the memory's {self.capacity:,}; the oldest were evicted, "
+                           f"{m['demos_held']:.0f} are held (mean over seeds)")
+        return out
+
+
+def run(opts: IclOptions) -> dict:
+    """In-context learning with k demonstrations in context, with and without N more in memory."""
+    return IclTask(opts).run()

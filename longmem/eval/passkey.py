@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.common import (EvalOptions, ResultFile, data_fingerprint, markdown_table, model_fingerprint,
-                                 options_dict, parse_list, peak_rss_mib)
+from longmem.eval.common import EvalOptions, data_fingerprint, markdown_table, options_dict, parse_list, peak_rss_mib
+from longmem.eval.runner import Item, Plan, Task
 from longmem.memory import held_span
 
 TASK = "passkey"
@@ -221,37 +221,37 @@ def table(summary: dict) -> str:
                                              rows)
 
 
+class PasskeyTask(Task):
+    name, unit = TASK, "tok"
+
+    def check(self):
+        self.cells = grid(self.opts)
+
+    def plan(self) -> Plan:
+        opts, model = self.opts, self.model
+        self.memory_size = opts.memory_size or model.config.memory_size
+        if self.memory_size % model.config.chunk_size:
+            raise LongMemError(f"--memory-size {self.memory_size} is not a multiple of the model's chunk_size "
+                               f"{model.config.chunk_size}")
+        self.sentences, filler_fp = filler_sentences(opts, self.tok, need=2 * max(L for L, _, _ in self.cells))
+        items = [Item(example_key(*c), c[0], c) for c in self.cells]
+        return Plan(options_dict(opts, memory_size=self.memory_size), filler_fp, items)
+
+    def evaluate_one(self, item: Item) -> dict:
+        L, d, t = item.data
+        rng = random.Random(f"{self.opts.seed}:{L}:{d:g}:{t}")
+        key = str(rng.randint(10000, 99999))
+        p = build_prompt(self.tok, self.sentences, L, d, key, first_sentence=rng.randrange(len(self.sentences)))
+        t0 = time.perf_counter()
+        detail = trial(self.model, self.tok, p, self.memory_size, self.opts.new_tokens)
+        return {"length": L, "depth": d, "trial": t, "key": key, "tokens": len(p.ids), "key_start": p.key_start,
+                **detail, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+    def summarize(self, details):
+        summary = summarize(details, self.memory_size, self.model.config.segment_length)
+        return summary, table(summary)
+
+
 def run(opts: PasskeyOptions) -> dict:
     """Run the (length x depth x trial) grid; resumable; returns the summary."""
-    from tqdm.auto import tqdm
-
-    from longmem.runtime import load_model
-
-    cells = grid(opts)
-    model, tok = load_model(opts.model, opts.device)
-    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
-    memory_size = opts.memory_size or model.config.memory_size
-    if memory_size % model.config.chunk_size:
-        raise LongMemError(f"--memory-size {memory_size} is not a multiple of the model's chunk_size "
-                           f"{model.config.chunk_size}")
-    sentences, filler_fp = filler_sentences(opts, tok, need=2 * max(L for L, _, _ in cells))
-    config = options_dict(opts, memory_size=memory_size)
-    result = ResultFile.open(opts.out or f"results/{TASK}.json", TASK, config, model_fingerprint(opts.model), filler_fp)
-    todo = [c for c in cells if not result.done(example_key(*c))]
-    with tqdm(total=sum(L for L, _, _ in todo), desc=TASK, unit="tok", unit_scale=True) as bar:
-        for L, d, t in todo:
-            rng = random.Random(f"{opts.seed}:{L}:{d:g}:{t}")
-            key = str(rng.randint(10000, 99999))
-            p = build_prompt(tok, sentences, L, d, key, first_sentence=rng.randrange(len(sentences)))
-            t0 = time.perf_counter()
-            detail = trial(model, tok, p, memory_size, opts.new_tokens)
-            result.add(example_key(L, d, t), {"length": L, "depth": d, "trial": t, "key": key, "tokens": len(p.ids),
-                                              "key_start": p.key_start, **detail,
-                                              "seconds": round(time.perf_counter() - t0, 3),
-                                              "peak_rss_mib": round(peak_rss_mib(), 1)})
-            bar.update(L)
-    summary = summarize([result.examples[example_key(*c)] for c in cells], memory_size, model.config.segment_length)
-    text = table(summary)
-    result.finish(summary, text)
-    print(text)
-    return summary
+    return PasskeyTask(opts).run()

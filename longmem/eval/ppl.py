@@ -11,24 +11,33 @@ first is scored exactly once (`scoring.score_document`). All rows score the same
 - LongMem with a memory of every earlier segment, one row per size in `--memory-sizes`
   (the paper's memory-size ablation in one run). The memory never holds the scored tokens.
 
-Perplexity is token-weighted, overall and per document-length bucket. The summary also
-records the process's peak RSS and the memory banks' storage, which is bounded by the
-memory capacity, not by the document length.
+Documents are scored in pieces of whole segments, `--batch-size` pieces at a time as one batch
+(`lanes.score_pieces`: a lane that finishes takes the next piece; a piece's memory first reads
+what of the document before it the memory would hold). A piece's result is saved as soon as it
+is done, so an interrupted run resumes losing at most the pieces in flight, and its numbers equal
+scoring each document alone, in order.
+
+Perplexity is token-weighted, overall, per document-length bucket, and per distance bucket: how
+far back each scored token (or word) last occurred in its document (`distance`). The summary also
+records the process's peak RSS and the memory banks' storage, which is bounded by the memory
+capacity, not by the document length.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.common import (EvalOptions, ResultFile, data_fingerprint, markdown_table, model_fingerprint,
-                                 options_dict, parse_list, peak_rss_mib)
-from longmem.eval.scoring import BackboneScorer, LocalScorer, MemoryScorer, Scorer, score_document
+from longmem.eval.common import EvalOptions, data_fingerprint, markdown_table, options_dict, parse_list, peak_rss_mib
+from longmem.eval.distance import BUCKETS as DISTANCES, VIEWS, distance_buckets
+from longmem.eval.lanes import Piece, score_pieces, split_document
+from longmem.eval.runner import Item, Plan, Task
+from longmem.eval.scoring import BackboneScorer, LocalScorer, MemoryScorer, Scorer
 
 TASK = "ppl"
 BUCKETS = [("<8k", 8 * 1024), ("8k-32k", 32 * 1024), ("32k-128k", 128 * 1024), (">128k", None)]  # (name, upper bound)
@@ -48,6 +57,12 @@ class PplOptions(EvalOptions):
     max_doc_tokens: int = field(default=0, metadata={
         "help": "score only each document's first N tokens, a quicker run (0: whole documents)"})
     split: str = field(default="dev", metadata={"help": "split of a prepared data folder to evaluate"})
+    batch_size: int = field(default=0, metadata={
+        "help": "document pieces scored side by side in one batch; the numbers do not depend on it (0: 1 on a CPU, "
+                "where batching measured no faster per token, 8 on a GPU)"})
+    piece_tokens: int = field(default=0, metadata={
+        "help": "documents are scored and saved in pieces of this many tokens, rounded up to whole segments "
+                "(0: max(32768, 2 x the largest memory size)); a piece's memory first reads what it would hold"})
 
 
 # ---- small shared helpers -----------------------------------------------------------------------
@@ -81,30 +96,40 @@ class SlidingWindowScorer(Scorer):
     A segment x is scored in pieces of `stride` tokens; each piece is fed after the
     `window - stride` tokens before it, so every prediction sees between `window - stride + 1`
     and `window` tokens (fewer only at the start of the document) and is made exactly once.
+    Lanes whose history and piece have the same lengths run as one batch (no padding inside a call).
     """
     name = "backbone_window"
 
-    def __init__(self, model, window: int, stride: int):
-        super().__init__(model)
+    def __init__(self, model, window: int, stride: int, lanes: int = 1):
+        super().__init__(model, lanes)
         assert 1 <= stride <= window, (stride, window)
         self.window, self.stride = window, stride
-        self.history = None
+        self.history = [torch.zeros(0, dtype=torch.long, device=model.device) for _ in range(lanes)]
 
-    def _keep(self, ids: torch.Tensor) -> torch.Tensor:  # (1, n) -> (1, <= window - stride)
-        keep = self.window - self.stride
-        return ids[:, ids.shape[1] - min(keep, ids.shape[1]):]
+    def _keep(self, ids: torch.Tensor) -> torch.Tensor:  # (n,) -> (<= window - stride,)
+        return ids[max(0, len(ids) - (self.window - self.stride)):]
 
-    def start(self, prefix, show_progress=False):
-        self.history = self._keep(prefix)
+    def start(self, lane, prefix, show_progress=False):
+        self.history[lane] = self._keep(prefix.to(self.model.device))
 
-    def logits(self, x):  # (1, T) -> (1, T, V)
-        out = []
-        for s in range(0, x.shape[1], self.stride):
-            piece = x[:, s:s + self.stride]                       # (1, t)
-            inputs = torch.cat([self.history, piece], dim=1)      # (1, h + t), h + t <= window
-            out.append(self.model.backbone(input_ids=inputs).logits[:, -piece.shape[1]:])  # (1, t, V)
-            self.history = self._keep(inputs)
-        return torch.cat(out, dim=1)
+    def logits(self, x, mask):  # (B, T), (B, T) -> (B, T, V)
+        B, T = x.shape
+        out = None
+        for s in range(0, T, self.stride):
+            groups: dict[tuple[int, int], list[int]] = {}
+            pieces = [x[b, s:s + self.stride][mask[b, s:s + self.stride].bool()] for b in range(B)]  # real tokens
+            for b, piece in enumerate(pieces):
+                if len(piece):
+                    groups.setdefault((len(self.history[b]), len(piece)), []).append(b)
+            for (h, t), lanes in groups.items():
+                inputs = torch.stack([torch.cat([self.history[b], pieces[b]]) for b in lanes])  # (n, h + t)
+                logits = self.model.backbone(input_ids=inputs).logits[:, -t:]                   # (n, t, V)
+                if out is None:
+                    out = logits.new_zeros(B, T, logits.shape[-1])
+                out[lanes, s:s + t] = logits
+                for i, b in enumerate(lanes):
+                    self.history[b] = self._keep(inputs[i])
+        return out
 
 
 # ---- the task ---------------------------------------------------------------------------------------
@@ -112,17 +137,17 @@ class SlidingWindowScorer(Scorer):
 class Row:
     key: str
     label: str
-    make: object  # () -> Scorer, a fresh scorer per document
+    make: object  # (lanes) -> Scorer
 
 
 def build_rows(model, memory_sizes: list[int], window: int, stride: int) -> list[Row]:
     T = model.config.segment_length
-    rows = [Row("backbone", f"frozen backbone, local segment ({T})", lambda: BackboneScorer(model)),
+    rows = [Row("backbone", f"frozen backbone, local segment ({T})", lambda n: BackboneScorer(model, n)),
             Row("backbone_window", f"frozen backbone, sliding window ({window}, stride {stride})",
-                lambda: SlidingWindowScorer(model, window, stride)),
-            Row("longmem_no_memory", "LongMem, memory disabled", lambda: LocalScorer(model))]
+                lambda n: SlidingWindowScorer(model, window, stride, n)),
+            Row("longmem_no_memory", "LongMem, memory disabled", lambda n: LocalScorer(model, n))]
     for m in memory_sizes:
-        rows.append(Row(f"longmem_memory_{m}", f"LongMem, memory {m:,}", lambda m=m: MemoryScorer(model, m)))
+        rows.append(Row(f"longmem_memory_{m}", f"LongMem, memory {m:,}", lambda n, m=m: MemoryScorer(model, m, n)))
     return rows
 
 
@@ -143,9 +168,9 @@ def resolve(opts: PplOptions, model) -> dict:
     stride = opts.stride or min(T, window // 2)
     if not 1 <= stride <= window:
         raise LongMemError(f"--stride {stride} must be between 1 and --window {window}")
-    if opts.max_doc_tokens < 0:
-        raise LongMemError(f"--max-doc-tokens {opts.max_doc_tokens} must be 0 (whole documents) or positive")
-    return {"memory_sizes": sizes, "window": window, "stride": stride, "segment_length": T}
+    piece = opts.piece_tokens or max(32768, 2 * max(sizes))
+    return {"memory_sizes": sizes, "window": window, "stride": stride, "segment_length": T,
+            "piece_tokens": -(-piece // T) * T}
 
 
 def load_tokenized(opts: PplOptions, tok) -> list[tuple[str, str, list[int]]]:
@@ -166,48 +191,54 @@ def load_tokenized(opts: PplOptions, tok) -> list[tuple[str, str, list[int]]]:
     return out
 
 
-@torch.no_grad()
-def score_one(model, rows: list[Row], ids: list[int]) -> dict:
-    """One document through every row: summed NLL per row, plus what it cost."""
-    from longmem.runtime import autocast
-
-    x = torch.tensor(ids)
-    nll, seconds, memory = {}, {}, {}
-    with autocast(model.device):
-        for row in rows:
-            t0 = time.perf_counter()
-            scorer = row.make()
-            r = score_document(scorer, x)
-            assert r.first_target == 1 and r.logprobs.shape == (len(ids) - 1,), (r.first_target, r.logprobs.shape)
-            nll[row.key] = float(-r.logprobs.double().sum())
-            seconds[row.key] = round(time.perf_counter() - t0, 3)
-            if isinstance(scorer, MemoryScorer):
-                memory[row.key] = {"tokens": len(scorer.memory), "bytes": scorer.memory.nbytes()}
-    return {"tokens": len(ids), "scored": len(ids) - 1, "bucket": bucket_of(len(ids)), "nll": nll,
-            "seconds": seconds, "memory": memory, "peak_rss_mib": round(peak_rss_mib(), 1)}
+def piece_detail(doc_tokens: int, piece: Piece, logprobs: dict[str, torch.Tensor], buckets: dict[str, np.ndarray],
+                 memory: dict[str, dict]) -> dict:
+    """What a piece's result file entry holds: summed NLL per row, overall and per distance bucket (token and
+    word views), and the memory it ended with."""
+    n = piece.targets
+    nll = {row: -lp.double() for row, lp in logprobs.items()}  # (n,) per row
+    distance = {}
+    for view in VIEWS:
+        b = torch.from_numpy(buckets[view][piece.start:piece.start + n])  # (n,) bucket of each target
+        distance[view] = {name: {"count": int((b == i).sum()), "nll": {row: float(v[b == i].sum()) for row, v in nll.items()}}
+                          for i, name in enumerate(DISTANCES) if bool((b == i).any())}
+    return {"doc_tokens": doc_tokens, "start": piece.start, "scored": n, "bucket": bucket_of(doc_tokens),
+            "nll": {row: float(v.sum()) for row, v in nll.items()}, "distance": distance, "memory": memory,
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
-def summarize(rows: list[Row], examples: dict, resolved: dict) -> dict:
-    """Token-weighted perplexity per row, overall and per length bucket (a pure function of the examples)."""
+def summarize(rows: list[Row], pieces: list[tuple[str, dict]], resolved: dict) -> dict:
+    """Token-weighted perplexity per row: overall, per document-length bucket and per distance bucket (a pure
+    function of the (document id, piece detail) pairs)."""
     def ppl(dets, key):
         n = sum(d["scored"] for d in dets)
         return math.exp(sum(d["nll"][key] for d in dets) / n) if n else None
 
-    dets = list(examples.values())
+    dets = [d for _, d in pieces]
+    docs = {doc: d["bucket"] for doc, d in pieces}
     buckets = {}
     for name, _ in BUCKETS:
-        sel = [d for d in dets if d["bucket"] == name]
+        sel = [d for doc, d in pieces if docs[doc] == name]
         if sel:
-            buckets[name] = {"docs": len(sel), "tokens": sum(d["scored"] for d in sel),
+            buckets[name] = {"docs": sum(b == name for b in docs.values()), "tokens": sum(d["scored"] for d in sel),
                              "ppl": {r.key: ppl(sel, r.key) for r in rows}}
+    distance = {}
+    for view in VIEWS:
+        distance[view] = {}
+        for name in DISTANCES:
+            cells = [d["distance"][view][name] for d in dets if name in d["distance"][view]]
+            n = sum(c["count"] for c in cells)
+            if n:
+                distance[view][name] = {"tokens": n, "ppl": {r.key: math.exp(sum(c["nll"][r.key] for c in cells) / n)
+                                                             for r in rows}}
     return {
-        "docs": len(dets), "tokens": sum(d["scored"] for d in dets), **resolved,
+        "docs": len(docs), "tokens": sum(d["scored"] for d in dets), **resolved,
         "rows": {r.key: {"label": r.label, "ppl": ppl(dets, r.key)} for r in rows},
         "buckets": buckets,
+        "distance": distance,
         "peak_rss_mib": max(d["peak_rss_mib"] for d in dets),
         "memory_bank_mib": {r.key: max(d["memory"][r.key]["bytes"] for d in dets) / 2**20
                             for r in rows if r.key.startswith("longmem_memory_")},
-        "seconds": round(sum(sum(d["seconds"].values()) for d in dets), 1),
     }
 
 
@@ -216,34 +247,73 @@ def table(rows: list[Row], summary: dict) -> str:
     header = ["model", f"all ({summary['docs']} docs, {summary['tokens']:,} tok)"]
     header += [f"{name} ({b['docs']} docs, {b['tokens']:,} tok)" for name, b in buckets.items()]
     body = [[r.label, summary["rows"][r.key]["ppl"], *(b["ppl"][r.key] for b in buckets.values())] for r in rows]
-    return markdown_table(header, body)
+    out = [markdown_table(header, body)]
+    for view, cells in summary["distance"].items():
+        out.append(f"perplexity by how far back the same {view} last occurred in the document (local: in the "
+                   f"scored token's own segment; never: not earlier in the document)")
+        header = ["model", *(f"{name} ({c['tokens']:,} tok)" for name, c in cells.items())]
+        out.append(markdown_table(header, [[r.label, *(c["ppl"][r.key] for c in cells.values())] for r in rows]))
+    return "\n\n".join(out)
+
+
+class PplTask(Task):
+    name, unit = TASK, "tok"
+
+    def check(self):
+        opts = self.opts
+        if opts.max_doc_tokens < 0:
+            raise LongMemError(f"--max-doc-tokens {opts.max_doc_tokens} must be 0 (whole documents) or positive")
+        if opts.batch_size < 0:
+            raise LongMemError(f"--batch-size {opts.batch_size} must be 0 (automatic) or positive")
+        if opts.piece_tokens < 0:
+            raise LongMemError(f"--piece-tokens {opts.piece_tokens} must be 0 (automatic) or positive")
+
+    def plan(self) -> Plan:
+        opts, model = self.opts, self.model
+        self.resolved = resolve(opts, model)
+        r = self.resolved
+        self.rows = build_rows(model, r["memory_sizes"], r["window"], r["stride"])
+        docs = load_tokenized(opts, self.tok)
+        config = options_dict(opts, **{k: v for k, v in r.items() if k != "segment_length"})
+        config["memory_sizes"] = ",".join(map(str, r["memory_sizes"]))
+        config.pop("batch_size")  # how many pieces run side by side does not change the numbers
+        texts = self.tok.convert_ids_to_tokens(list(range(len(self.tok))))
+        texts = [self.tok.convert_tokens_to_string([t]) for t in texts]  # each token's own text
+        items, self.docs = [], {}
+        for doc_id, _, ids in docs:
+            x = torch.tensor(ids)
+            self.docs[doc_id] = (len(ids), distance_buckets(ids, [texts[i] for i in ids], r["segment_length"]))
+            items += [Item(p.key, p.targets, (doc_id, p)) for p in
+                      split_document(doc_id, x, r["piece_tokens"], r["segment_length"])]
+        total = sum(len(ids) for _, _, ids in docs)
+        intro = (f"ppl: {len(docs)} documents, {total:,} tokens in {len(items)} pieces of up to "
+                 f"{r['piece_tokens']:,}; {len(self.rows)} rows")
+        return Plan(config, data_fingerprint(f"{i}\n{text}" for i, text, _ in docs), items, intro)
+
+    def evaluate(self, todo, result, bar):
+        lanes = self.opts.batch_size or (1 if self.model.device.type == "cpu" else 8)
+        scorers = [row.make(lanes) for row in self.rows]
+        by_key = {item.key: item.data for item in todo}
+
+        def done(piece, logprobs):
+            doc_id, _ = by_key[piece.key]
+            lane_memory = {sc.name: {"bytes": sc.row_nbytes()} for sc in scorers if isinstance(sc, MemoryScorer)}
+            tokens, buckets = self.docs[doc_id]
+            result.add(piece.key, {"doc": doc_id, **piece_detail(tokens, piece, logprobs, buckets, lane_memory)})
+
+        for row, sc in zip(self.rows, scorers):
+            sc.name = row.key
+        score_pieces(scorers, [p for _, p in by_key.values()], done, bar.update)
+
+    def summarize(self, details):
+        summary = summarize(self.rows, [(d["doc"], d) for d in details], self.resolved)
+        return summary, table(self.rows, summary)
+
+    def notes(self, summary):
+        return [f"peak RSS {summary['peak_rss_mib']:,.0f} MiB; memory banks (per document) "
+                + ", ".join(f"{k}: {v:.3g} MiB" for k, v in summary["memory_bank_mib"].items())]
 
 
 def run(opts: PplOptions) -> dict:
     """Score the documents of `opts.data` with every row; resumable; returns the summary."""
-    from tqdm.auto import tqdm
-
-    from longmem.runtime import load_model
-
-    model, tok = load_model(opts.model, opts.device)
-    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
-    resolved = resolve(opts, model)
-    rows = build_rows(model, resolved["memory_sizes"], resolved["window"], resolved["stride"])
-    docs = load_tokenized(opts, tok)
-    config = options_dict(opts, **{k: v for k, v in resolved.items() if k != "segment_length"})
-    config["memory_sizes"] = ",".join(map(str, resolved["memory_sizes"]))
-    result = ResultFile.open(opts.out or f"results/{TASK}.json", TASK, config, model_fingerprint(opts.model),
-                             data_fingerprint(f"{i}\n{text}" for i, text, _ in docs))
-    todo = [(i, ids) for i, _, ids in docs if not result.done(i)]
-    with tqdm(total=sum(len(ids) for _, ids in todo), desc=TASK, unit="tok", unit_scale=True) as bar:
-        for doc_id, ids in todo:
-            bar.set_postfix_str(f"{doc_id} ({len(ids):,} tok)")
-            result.add(doc_id, score_one(model, rows, ids))
-            bar.update(len(ids))
-    summary = summarize(rows, {i: result.examples[i] for i, _, _ in docs}, resolved)
-    text = table(rows, summary)
-    result.finish(summary, text)
-    print(text)
-    print(f"peak RSS {summary['peak_rss_mib']:,.0f} MiB; memory banks "
-          + ", ".join(f"{k}: {v:.3g} MiB" for k, v in summary["memory_bank_mib"].items()) + f" -> {result.path}")
-    return summary
+    return PplTask(opts).run()

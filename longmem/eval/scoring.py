@@ -1,4 +1,4 @@
-"""Scoring a long document segment by segment: every token is predicted exactly once.
+"""Scoring long documents segment by segment: every token is predicted exactly once.
 
 A document of N tokens is cut into consecutive segments of T = segment_length inputs; the
 segment starting at s reads inputs ids[s : s+T] and predicts targets ids[s+1 : s+T+1], so
@@ -9,6 +9,12 @@ scorers differ only in what else the prediction may see:
 - `LocalScorer`: LongMem with its memory disabled;
 - `MemoryScorer`: LongMem with a memory holding every earlier segment (written after the
   segment is scored, so no token is ever predicted with itself in memory).
+
+Scorers work on `lanes` rows at once, one document (or document piece) per lane: `start(lane,
+prefix)` begins a lane's next piece after the document's tokens `prefix`, and `logits(x, mask)`
+scores one segment of every lane, right-padded (B, T) with `mask` 1 on real tokens. Right padding
+never changes a real token's prediction (attention is causal and the memory skips padding).
+`score_document` is the one-document reference path; `longmem.eval.lanes` drives many lanes.
 """
 
 from __future__ import annotations
@@ -16,56 +22,64 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V), targets (B, T) -> log p(target) (B, T) in float32."""
-    return -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    """logits (B, T, V), targets (B, T) -> log p(target) (B, T) in float32 (logit minus logsumexp: one pass over
+    the vocabulary, several times faster than cross_entropy on the transposed logits)."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
 class Scorer:
     name = "scorer"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, lanes: int = 1):
+        self.model, self.lanes = model, lanes
 
-    def start(self, prefix: torch.Tensor, show_progress: bool = False) -> None:
-        """Called once per document with the (1, P) tokens before the first scored segment."""
+    def start(self, lane: int, prefix: torch.Tensor, show_progress: bool = False) -> None:
+        """Lane `lane` begins a piece whose first segment follows `prefix` (P,), the document's earlier tokens."""
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, T, V)
+    def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T), (B, T) -> (B, T, V)
         raise NotImplementedError
 
 
 class BackboneScorer(Scorer):
     name = "backbone"
 
-    def logits(self, x):
+    def logits(self, x, mask):
         return self.model.backbone(input_ids=x).logits
 
 
 class LocalScorer(Scorer):
     name = "longmem_no_memory"
 
-    def logits(self, x):
+    def logits(self, x, mask):
         return self.model(x).logits
 
 
 class MemoryScorer(Scorer):
     name = "longmem_memory"
 
-    def __init__(self, model, memory_size: int | None = None):
-        super().__init__(model)
-        self.memory_size = memory_size
-        self.memory = None
+    def __init__(self, model, memory_size: int | None = None, lanes: int = 1):
+        super().__init__(model, lanes)
+        self.memory = model.new_memory(lanes, memory_size=memory_size)
 
-    def start(self, prefix, show_progress=False):
-        self.memory = self.model.new_memory(1, memory_size=self.memory_size)
-        if prefix.shape[1]:
-            self.model.memorize(prefix, self.memory, show_progress=show_progress)
+    def start(self, lane, prefix, show_progress=False):
+        from longmem.memory import MemoryBank
 
-    def logits(self, x):
-        return self.model(x, memory=self.memory).logits  # retrieves, then writes x
+        fresh = self.model.new_memory(1, memory_size=self.memory.spec.capacity)
+        if prefix.shape[0]:  # only the segments the memory keeps are read
+            self.model.memorize(prefix.to(self.model.device)[None], fresh, show_progress=show_progress)
+        rows = [fresh if b == lane else self.memory.select([b]) for b in range(self.lanes)]
+        self.memory = MemoryBank.stack(rows) if self.lanes > 1 else fresh
+
+    def logits(self, x, mask):
+        return self.model(x, memory=self.memory, attention_mask=mask).logits  # retrieves, then writes x
+
+    def row_nbytes(self) -> int:
+        """Storage of one lane's memory (every lane has the same, grown to the fullest's)."""
+        return self.memory.nbytes() // self.lanes
 
 
 @dataclass
@@ -80,7 +94,7 @@ class DocumentScore:
 
 @torch.no_grad()
 def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0, show_progress: bool = False) -> DocumentScore:
-    """Score targets of the segments starting at or after `score_from` (rounded up to a segment).
+    """Score targets of the segments starting at or after `score_from` (rounded up to a segment), one lane.
 
     ids: (N,) token ids of one document. Earlier segments only prime the scorer (memorized).
     show_progress: bars that advance per segment (memorizing, then scoring), cleared when done.
@@ -89,7 +103,7 @@ def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0, show_
     N = ids.shape[0]
     first = -(-score_from // T) * T
     ids = ids.to(scorer.model.device)[None]  # (1, N)
-    scorer.start(ids[:, :first], show_progress)
+    scorer.start(0, ids[0, :first], show_progress)
     out = []
     starts = range(first, N - 1, T)
     if show_progress:
@@ -97,7 +111,7 @@ def score_document(scorer: Scorer, ids: torch.Tensor, score_from: int = 0, show_
         starts = tqdm(starts, desc=f"score ({scorer.name})", unit="seg", leave=False)
     for s in starts:
         x, y = ids[:, s:s + T], ids[:, s + 1:s + T + 1]  # inputs (1, t), targets (1, t') with t' <= t
-        lp = target_logprobs(scorer.logits(x)[:, : y.shape[1]], y)
+        lp = target_logprobs(scorer.logits(x, torch.ones_like(x))[:, : y.shape[1]], y)
         out.append(lp[0].cpu())
     return DocumentScore(torch.cat(out) if out else torch.zeros(0), first + 1)
 

@@ -33,21 +33,13 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.common import (
-    EvalOptions,
-    ResultFile,
-    data_fingerprint,
-    markdown_table,
-    model_fingerprint,
-    options_dict,
-)
+from longmem.eval.common import EvalOptions, data_fingerprint, markdown_table, options_dict
+from longmem.eval.runner import Item, Plan, Task
 from longmem.eval.scoring import score_continuations
 
 TASK = "suffix"
@@ -185,53 +177,52 @@ def summarize(details: list[dict], negatives: int) -> tuple[dict, str]:
 
 
 # ---- the task ----------------------------------------------------------------------------------
+class SuffixTask(Task):
+    name, unit = TASK, "boundary"
+
+    def check(self):
+        opts = self.opts
+        if opts.negatives < 1:
+            raise LongMemError(f"--negatives {opts.negatives} must be at least 1")
+        if opts.negatives_from not in ("later", "any"):
+            raise LongMemError(f"--negatives-from {opts.negatives_from!r} is not one of: later, any")
+
+    def plan(self) -> Plan:
+        from longmem.data.documents import load_documents
+
+        opts, T = self.opts, self.model.config.segment_length
+        self.memory_size = opts.memory_size or self.model.config.memory_size
+        if not MIN_OPENING_TOKENS <= opts.opening_tokens < T:
+            raise LongMemError(f"--opening-tokens {opts.opening_tokens} must be between {MIN_OPENING_TOKENS} and "
+                               f"segment_length - 1 = {T - 1} (the local context needs room)")
+        max_prefix = opts.max_prefix or self.memory_size + T - opts.opening_tokens
+        examples, used = [], []
+        for doc in load_documents(opts.data, split="dev"):
+            if len(HEADING.findall(doc.text)) < opts.negatives + 2:
+                continue
+            found = book_examples(doc.id, doc.text, self.tok, opts.opening_tokens, opts.negatives, max_prefix,
+                                  opts.seed, opts.negatives_from)
+            if found:
+                examples += found
+                used.append(f"{doc.id}\n{doc.text}")
+        if not examples:
+            raise LongMemError(f"no usable chapter boundary in {opts.data}: a book needs headings like 'CHAPTER I', "
+                               f"'Chapter 1', 'ACT II' or 'SCENE 3.' on lines of their own, and at least "
+                               f"{opts.negatives + 2} chapters of {MIN_OPENING_TOKENS}+ tokens")
+        if opts.limit is not None:
+            examples = examples[:opts.limit]
+        config = options_dict(opts, resolved_max_prefix=max_prefix, resolved_memory_size=self.memory_size)
+        intro = (f"suffix: {len(examples)} boundaries in {len(used)} books; local context "
+                 f"{T - opts.opening_tokens} tokens, memory up to {self.memory_size:,} tokens")
+        return Plan(config, data_fingerprint(used), [Item(ex.key, 1, ex) for ex in examples], intro)
+
+    def evaluate_one(self, item: Item) -> dict:
+        return evaluate(self.model, item.data, self.memory_size)
+
+    def summarize(self, details):
+        return summarize(details, self.opts.negatives)
+
+
 def run(opts: SuffixOptions) -> dict:
     """Suffix identification over the chapter boundaries of the dev books (or the user's books) in --data."""
-    from tqdm.auto import tqdm
-
-    from longmem.runtime import autocast, load_model
-    from longmem.data.documents import load_documents
-
-    model, tok = load_model(opts.model, opts.device)
-    model.config.retriever = opts.retriever or model.config.retriever  # what every new memory searches with
-    T = model.config.segment_length
-    memory_size = opts.memory_size or model.config.memory_size
-    if not MIN_OPENING_TOKENS <= opts.opening_tokens < T:
-        raise LongMemError(f"--opening-tokens {opts.opening_tokens} must be between {MIN_OPENING_TOKENS} and "
-                           f"segment_length - 1 = {T - 1} (the local context needs room)")
-    if opts.negatives < 1:
-        raise LongMemError(f"--negatives {opts.negatives} must be at least 1")
-    if opts.negatives_from not in ("later", "any"):
-        raise LongMemError(f"--negatives-from {opts.negatives_from!r} is not one of: later, any")
-    max_prefix = opts.max_prefix or memory_size + T - opts.opening_tokens
-    books = load_documents(opts.data, split="dev")
-    examples, used = [], []
-    for doc in books:
-        if len(HEADING.findall(doc.text)) < opts.negatives + 2:
-            continue
-        found = book_examples(doc.id, doc.text, tok, opts.opening_tokens, opts.negatives, max_prefix, opts.seed,
-                              opts.negatives_from)
-        if found:
-            examples += found
-            used.append(f"{doc.id}\n{doc.text}")
-    if not examples:
-        raise LongMemError(f"no usable chapter boundary in {opts.data}: a book needs headings like 'CHAPTER I', "
-                           f"'Chapter 1', 'ACT II' or 'SCENE 3.' on lines of their own, and at least "
-                           f"{opts.negatives + 2} chapters of {MIN_OPENING_TOKENS}+ tokens")
-    if opts.limit is not None:
-        examples = examples[:opts.limit]
-    results = ResultFile.open(opts.out or f"results/{TASK}.json", TASK,
-                              options_dict(opts, resolved_max_prefix=max_prefix, resolved_memory_size=memory_size),
-                              model_fingerprint(opts.model), data_fingerprint(used))
-    todo = [ex for ex in examples if not results.done(ex.key)]
-    print(f"suffix: {len(examples)} boundaries in {len(used)} books ({len(examples) - len(todo)} already done); "
-          f"local context {T - opts.opening_tokens} tokens, memory up to {memory_size:,} tokens")
-    t0 = time.time()
-    with torch.no_grad(), autocast(model.device):
-        for ex in tqdm(todo, desc="suffix", unit="boundary"):
-            results.add(ex.key, evaluate(model, ex, memory_size))
-    summary, table = summarize([results.examples[ex.key] for ex in examples], opts.negatives)
-    results.finish(summary, table)
-    print(table)
-    print(f"{len(todo)} boundaries scored in {time.time() - t0:.1f} s; results -> {Path(results.path)}")
-    return summary
+    return SuffixTask(opts).run()

@@ -250,6 +250,22 @@ class MemoryBank:
             t[idx] = 0
         self.retriever.reset(self, None if rows is None else idx)
 
+    def advance(self, counts: torch.Tensor) -> None:
+        """Count `counts` (B,) more tokens per row as written without storing them: `written`, the chunk
+        alignment (`num_pending`), the ring position (`next_slot`) and `num_chunks` move as `write` moves them, but
+        the tokens' keys and values (and the pending buffer's) are not kept. Exact only for tokens that are evicted
+        before anything reads them, i.e. followed by `write`s that push them out of `held_span` (`memorize` skips
+        leading segments this way)."""
+        counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)
+        C = self.spec.chunk_size
+        total = self.num_pending + counts  # (B,) tokens waiting for a chunk, had they been written
+        self.next_slot.copy_((self.next_slot + total // C) % self.max_chunks)
+        self.num_pending.copy_(total % C)
+        self.written += counts
+        end = self.written // C * C
+        self.num_chunks.copy_((end - (end - self.spec.capacity).clamp(min=0)) // C)  # held_span, per row
+        self._grow(self.slots_in_use)
+
     # ---- banks as values -----------------------------------------------------------------
     def _derived(self, batch_size: int, state, device=None) -> "MemoryBank":
         """A new bank with this spec and a fresh index of this retriever, whose tensors (all of `state`) are

@@ -7,17 +7,13 @@ run (data, checkpoints, logging, DDP). Shape letters: B rows, T segment length, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from longmem.loss import next_token_loss  # the loss forward(labels=...) uses; streams give aligned targets
 from longmem.memory import MemoryBank
 from longmem.runtime import autocast
-from longmem.training.streams import IGNORE_INDEX, StreamBatch
+from longmem.training.streams import StreamBatch
 
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """logits (B, T, V) against already-shifted targets (B, T) (IGNORE_INDEX skipped)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+__all__ = ["next_token_loss", "train_step"]
 
 
 def train_step(run: torch.nn.Module, batch: StreamBatch, memory: MemoryBank, optimizer: torch.optim.Optimizer,
