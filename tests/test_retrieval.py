@@ -72,7 +72,7 @@ def test_exact_search_in_two_stages_equals_float32_brute_force():
     found, ref = mem.search(q, 16), brute(mem, q, 16)
     assert torch.equal(found.scores, ref.values) and torch.equal(found.slots, ref.indices)
     assert bool(found.valid.all())
-    flat = ExactRetriever(block=10 ** 9)  # one stage: torch.topk over everything
+    flat = ExactRetriever()  # one stage: torch.topk over everything
     mem.retriever = flat
     assert torch.equal(mem.search(q, 16).slots, found.slots)
 

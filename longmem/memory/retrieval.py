@@ -85,17 +85,19 @@ class ExactRetriever(Retriever):
     """Brute-force inner-product search over every stored chunk: the reference backend.
 
     Scores are computed in the storage dtype (float16 is upcast on CPU, where it has no fast
-    matmul; int8 search keys are dequantised to bfloat16). The top-k runs in two stages through
-    block maxima (`topk_by_blocks`), which returns the same scores as a flat `torch.topk`. With a
+    matmul; int8 search keys are dequantised to bfloat16). The top-k is one `torch.topk` over all
+    slots; `block=` switches to a two-stage top-k through block maxima (`topk_by_blocks`, the same
+    scores), which measured 1.5x slower on a 2-core CPU at 65k tokens (benchmarks/segment_forward.py),
+    so it is opt-in. With a
     float32 memory the result is exactly the float32 brute-force top-k (slots too, unless scores
     tie at the k-th place); with bfloat16 (the default) near-ties can be ordered differently than
     in float32. Queries are processed in blocks so at most `max_scores` scores exist at once.
     """
     name = "exact"
 
-    def __init__(self, max_scores: int = 1 << 25, block: int = 64):
+    def __init__(self, max_scores: int = 1 << 25, block: int | None = None):
         self.max_scores = max_scores  # score elements materialised at once
-        self.block = block            # columns per block of the two-stage top-k
+        self.block = block            # columns per block of the two-stage top-k (None: one flat top-k)
 
     def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
         B, Hkv, Q, D = queries.shape
@@ -103,8 +105,8 @@ class ExactRetriever(Retriever):
         assert k <= S, (k, S)
         keys = bank.search_keys(S)  # (B, Hkv, S, D) in the scoring dtype
         dtype = torch.float32 if keys.dtype == torch.float16 and keys.device.type == "cpu" else keys.dtype
-        bs = self.block
-        staged = S >= 4 * k * bs  # two stages pay off once the blocks outnumber k by far
+        bs = self.block or S
+        staged = S >= 4 * k * bs  # two stages only once the blocks outnumber k by far
         Sp = -(-S // bs) * bs if staged else S  # columns padded to whole blocks (padding scores -inf)
         keys = keys.to(dtype)
         if Sp > S:
