@@ -104,17 +104,17 @@ def measure(model, vocab, memory, new_tokens: int, samples: int, sync) -> Row:
         token = logits.argmax(-1)  # (1,)
         if i in sampled:
             ref = RecomputeDecoder(model, dec.memory.to(dev))
-            ref.prefill(dec.ctx)  # (b)'s local context: no prefix to memorize (it is at most one segment)
+            ref.prefill(dec.window.ids)  # (b)'s local context: no prefix to memorize (it is at most one segment)
             t = time.perf_counter()
             a_logits = ref.step(token)
             sync()
             a_times.append(time.perf_counter() - t)
-        before = dec.ctx.shape[1]
+        before = dec.window.ids.shape[1]
         t = time.perf_counter()
         logits = dec.step(token)
         sync()
         step_times.append(time.perf_counter() - t)
-        if dec.ctx.shape[1] < before:
+        if dec.window.ids.shape[1] < before:
             overflow_times.append(step_times[-1])
         if i in sampled:
             max_diff = max(max_diff, float((a_logits - logits).abs().max()))
