@@ -46,6 +46,7 @@ class ChatSession:
         self.model, self.tokenizer, self.path = model, tokenizer, Path(memory_path)
         self.options = (options or chat_options(model)).validate()
         self.template, self.incremental = template, incremental
+        self._replying = False  # a reply is being streamed (its turn not yet kept or dropped)
         if self.path.is_dir():
             raise LongMemError(f"chat memory {self.path} is a folder; give a file path, e.g. {self.path / 'chat.safetensors'}")
         if self.path.exists():
@@ -65,20 +66,23 @@ class ChatSession:
         """Stream the reply to `text` as text pieces; once it is complete, the turn is memorized and saved."""
         if not text.strip():
             raise LongMemError("say() needs some text; an empty turn has nothing to answer")
+        if self._replying:
+            raise LongMemError("the previous reply is still being streamed; read it to the end or close() it "
+                               "before the next say()")
+        return self._reply(self.tokenizer(self.template.format(text=text))["input_ids"])
+
+    def _reply(self, prompt: list[int]) -> Iterator[str]:
         from longmem.decoding import make_decoder
 
-        prompt = self.tokenizer(self.template.format(text=text))["input_ids"]
-        ids = torch.tensor([prompt], device=self.model.device)  # (1, N)
-        written = int(self.memory.written[0])
-        decoder = make_decoder(self.model, self.memory, self.incremental)
-        steps = decode_steps(decoder, ids, None, self.options, tokenizer=self.tokenizer)
-        return self._reply(prompt, steps, written)
-
-    def _reply(self, prompt: list[int], steps, written: int) -> Iterator[str]:
-        stream = TextStream(self.tokenizer, prompt, self.options.stops)
+        self._replying = True
         reply: list[int] = []
         started = complete = False
         try:
+            written = int(self.memory.written[0])
+            decoder = make_decoder(self.model, self.memory, self.incremental)
+            steps = decode_steps(decoder, torch.tensor([prompt], device=self.model.device), None, self.options,
+                                 tokenizer=self.tokenizer)
+            stream = TextStream(self.tokenizer, prompt, self.options.stops)
             for step in steps:
                 reply.append(int(step.tokens[0]))
                 piece = stream.push(reply[-1])
@@ -93,6 +97,7 @@ class ChatSession:
             self._keep(prompt + reply, written)
             complete = True
         finally:
+            self._replying = False
             if not complete:  # the turn did not happen: back to the file
                 self.memory = self._open()
 

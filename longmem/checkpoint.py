@@ -105,7 +105,10 @@ def load_checkpoint_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path)
-    source = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else backbone_source(path)
+    try:
+        source = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else backbone_source(path)
+    except LongMemError:  # no backbone to look next to (it was passed in when loading)
+        return None
     local = Path(source).is_dir()
     if local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         return None

@@ -206,6 +206,9 @@ def check_prompt(input_ids, attention_mask) -> None:
         raise LongMemError("the prompt is empty; generation needs at least one token")
     if attention_mask is None:
         return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise LongMemError(f"attention_mask must be a (batch, tokens) tensor of 0/1, not {type(attention_mask).__name__}; "
+                           f"pass the memory by name: generate(input_ids, memory=memory)")
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise LongMemError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
                            f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with the ids")

@@ -92,6 +92,8 @@ def test_an_unfinished_turn_is_not_kept(lm, tok, tmp_path):
     saved = path.read_bytes()
     reply = session.say("Tell me about the garden and the windows of the old house.")
     next(reply)
+    with pytest.raises(LongMemError, match="the previous reply is still being streamed"):
+        session.say("Not now.")
     reply.close()  # the consumer stops listening mid-reply (the reply overflowed nothing yet, or did: either way)
     assert path.read_bytes() == saved
     assert same_memory(session.memory, MemoryBank.load(path))  # the session went back to its file
@@ -106,6 +108,19 @@ def test_an_unfinished_turn_is_not_kept(lm, tok, tmp_path):
             with pytest.raises(LongMemError, match="disk on fire"):
                 "".join(session.say("Another turn, one that fails."))
         assert path.read_bytes() == saved and same_memory(session.memory, MemoryBank.load(path))
+
+
+def test_the_reply_starts_at_its_first_character_and_ends_before_the_next_user_turn(lm, tok, tmp_path, monkeypatch):
+    import longmem.decoding
+    from test_generation import Scripted
+
+    reply = tok("  Hello there.\nUser: and more")["input_ids"]
+    monkeypatch.setattr(longmem.decoding, "make_decoder", lambda model, memory, incremental: Scripted([reply], len(tok)))
+    session = ChatSession(lm, tok, tmp_path / "c.st", options(lm, len(reply)))
+    assert "".join(session.say("Hi")) == "Hello there."
+    prompt = tok(TEMPLATE.format(text="Hi"))["input_ids"]
+    n = next(i for i in range(len(reply)) if "\nUser:" in tok.decode(reply[:i]))  # the reply's tokens, to the stop
+    assert int(session.memory.written[0]) == len(prompt) + n  # the turn in memory is what the model produced
 
 
 def test_reset_and_bad_input(lm, tok, tmp_path):

@@ -52,6 +52,12 @@ def test_top_p_is_transformers(p):
     assert bool((apply_top_p(logits, p) > -torch.inf).sum(-1).ge(1).all())  # at least one token stays
 
 
+def test_top_p_keeps_the_tokens_until_the_mass_is_reached_exactly():
+    logits = torch.tensor([[0.25, 0.25, 0.5]]).log()  # ascending cumulative mass 0.25, 0.5, 1.0
+    kept = apply_top_p(logits, 0.5) > -torch.inf
+    assert kept.tolist() == [[False, False, True]] == (TopPLogitsWarper(0.5)(None, logits.clone()) > -torch.inf).tolist()
+
+
 def test_processing_chain_is_transformers_in_its_order():
     g = torch.Generator().manual_seed(3)
     logits, ids = torch.randn(3, 60, generator=g) * 2, torch.randint(0, 60, (3, 12), generator=g)
@@ -226,6 +232,19 @@ def test_detokenizer_never_splits_a_character(tok):
     assert not any("\ufffd" in p for p in pieces) and "".join(pieces) + broken.flush() == "ab \ufffd"
 
 
+def test_text_of_a_finished_row_stops_with_it(tok):
+    a, b = tok("Hi. More")["input_ids"], tok("and so on and on")["input_ids"]
+    n = len(tok("Hi.")["input_ids"])
+    x = tok("X")["input_ids"][0]
+    script = [a[:n] + [0] * 6, b[:n + 6]]  # row 0 ends with the eos token 0 and is padded with "X" after it
+    opts = GenerationOptions(eos_token_id=0, pad_token_id=x, max_new_tokens=n + 6)
+    steps = decode_steps(Scripted(script, len(tok)), torch.tensor([[1], [1]]), None, opts)
+    rows = ["", ""]
+    for pieces in text_pieces(steps, tok, [[1], [1]]):
+        rows = [r + p for r, p in zip(rows, pieces)]
+    assert rows == [tok.decode(a[:n]), tok.decode(b[:n + 6])] and "X" not in rows[0]
+
+
 def test_stop_text_holds_back_what_may_start_a_stop_string():
     s = StopText(["o w", "xyz"])
     assert [s.push("Hel"), s.push("lo"), s.push(" wo"), s.push("rld")] == ["Hel", "l", "", ""]
@@ -371,6 +390,7 @@ def test_invalid_inputs_are_one_clear_error():
         (lambda: model.generate(ids[0]), "input_ids must be a (batch, tokens) tensor"),
         (lambda: model.generate(ids[:, :0]), "the prompt is empty"),
         (lambda: model.generate(ids, attention_mask=torch.ones(1, 4)), "attention_mask has shape (1, 4)"),
+        (lambda: model.generate(ids, model.new_memory(1)), "pass the memory by name"),
         (lambda: model.generate(ids, stop_strings="."), "stop_strings need a tokenizer"),
         (lambda: model.generate(ids, eos_token_id=500), "eos_token_id=500 is outside the vocabulary (0..96)"),
         (lambda: model.generate(ids, generation_config={"max_new_tokens": 3}), "generation_config must be"),
