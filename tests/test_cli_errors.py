@@ -77,6 +77,38 @@ CASES = [
     ("max-new-tokens -1", "generate --model {ckpt} --prompt hi --max-new-tokens -1",
      "--max-new-tokens: '-1' is not a number of tokens", B),
     ("max-new-tokens 0", "generate --model {ckpt} --prompt hi --max-new-tokens 0", "'0' is not a number of tokens", B),
+    ("top-k -5", "generate --model {ckpt} --prompt hi --do-sample --top-k -5", "--top-k: '-5' is not a number of", B),
+    ("top-p 0", "generate --model {ckpt} --prompt hi --do-sample --top-p 0",
+     "--top-p: '0' is not a probability mass; give a number in (0, 1]", B),
+    ("top-p 1.5", "generate --model {ckpt} --prompt hi --do-sample --top-p 1.5", "'1.5' is not a probability mass", B),
+    ("top-p nan", "generate --model {ckpt} --prompt hi --do-sample --top-p nan", "'nan' is not a probability mass", B),
+    ("repetition-penalty 0", "generate --model {ckpt} --prompt hi --repetition-penalty 0",
+     "--repetition-penalty: '0' is not a repetition penalty; give a number > 0", B),
+    ("repetition-penalty -1", "generate --model {ckpt} --prompt hi --repetition-penalty -1",
+     "'-1' is not a repetition penalty", B),
+    ("repetition-penalty inf", "generate --model {ckpt} --prompt hi --repetition-penalty inf",
+     "'inf' is not a repetition penalty", B),
+    ("seed -1", "generate --model {ckpt} --prompt hi --seed -1", "--seed: '-1' is not a seed; give a whole number >= 0", B),
+    ("seed abc", "generate --model {ckpt} --prompt hi --seed abc", "'abc' is not a seed", B),
+    ("empty --stop", ["generate", "--model", "{ckpt}", "--prompt", "hi", "--stop", ""],
+     "--stop: an empty stop string would stop at once", B),
+    ("eos -1", "generate --model {ckpt} --prompt hi --eos -1", "--eos: '-1' is not a token id", B),
+    ("eos and ignore-eos", "generate --model {ckpt} --prompt hi --eos 3 --ignore-eos",
+     "--eos and --ignore-eos contradict each other", B),
+    ("temperature without --do-sample", "generate --model {ckpt} --prompt hi --temperature 0.8",
+     "--temperature 0.8 only applies when sampling; add --do-sample (greedy decoding is the default)", B),
+    ("top-k without --do-sample", "generate --model {ckpt} --prompt hi --top-k 40", "--top-k 40 only applies when sampling", B),
+    ("top-p without --do-sample", "chat --model {ckpt} --memory {tmp}/c.st --top-p 0.9",
+     "--top-p 0.9 only applies when sampling", B),
+    ("--do-sample with temperature 0", "generate --model {ckpt} --prompt hi --do-sample --temperature 0",
+     "--temperature 0 is greedy decoding, which --do-sample contradicts", B),
+    ("eos outside the vocabulary", "generate --model {ckpt} --prompt hi --eos 99999",
+     "eos_token_id=99999 is outside the vocabulary (0..299)", L),
+    # chat
+    ("chat without --memory", "chat --model {ckpt}", "the following arguments are required: --memory", B),
+    ("folder as chat --memory", "chat --model {ckpt} --memory {tmp}", "--memory {tmp} is a folder", B),
+    ("chat --memory below a file", "chat --model {ckpt} --memory {txt}/c.st", "cannot be created: {txt} is a file", B),
+    ("chat --memory not a memory", "chat --model {ckpt} --memory {txt}", "is corrupt or truncated", L),
     # threads, device, model, memory
     ("threads 0", "generate --model {ckpt} --prompt hi --threads 0", "--threads: '0' is not a number of threads", B),
     ("threads -2 (train)", "train --threads -2", "--threads: '-2' is not a number of threads", B),
@@ -181,7 +213,7 @@ def test_help_is_status_0_and_main_leaves_the_thread_count_as_it_was(capsys):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("argv", [["memorize"], ["generate"], ["demo"], ["export"], ["eval", "ppl"],
+@pytest.mark.parametrize("argv", [["memorize"], ["generate"], ["chat"], ["demo"], ["export"], ["eval", "ppl"],
                                   ["eval", "suffix"], ["eval", "icl"], ["eval", "passkey"], ["eval", "report"],
                                   ["data", "prepare"], ["data", "tokenizer"], ["pretrain"], ["train"]])
 def test_every_command_takes_threads(argv, capsys):
