@@ -1,6 +1,7 @@
 """longmem: long-term memory for pretrained causal language models (LongMem, NeurIPS 2023).
 
     from longmem import LongMemConfig, LongMemForCausalLM, MemoryBank
+    from longmem import ChatSession, GenerationOptions, load_tokenizer
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,9 @@ _EXPORTS = {
     "MemoryBank": "longmem.memory",
     "MemorySpec": "longmem.memory",
     "LongMemError": "longmem.errors",
+    "GenerationOptions": "longmem.generation",
+    "ChatSession": "longmem.chat",
+    "load_tokenizer": "longmem.runtime",
 }
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint folder holds `longmem_config.json`, `sidenet.safetensors` and, when the
 backbone is saved alongside, `backbone/` (HuggingFace `save_pretrained` format, plus its
-tokenizer if one is given). Otherwise the config records the backbone's path. Either way it
-records the backbone's fingerprint, so loading with another backbone is a clear error.
+tokenizer). Otherwise the config records the backbone's path, and the tokenizer goes in
+`tokenizer/`. Either way it records the backbone's fingerprint, so loading with another
+backbone is a clear error. The tokenizer saved is the one given to `save_pretrained`, else
+the model's own (`model.tokenizer`); `from_pretrained` loads it back into `model.tokenizer`.
 The folder is written to a temporary sibling and renamed into place.
 """
 
@@ -26,6 +28,8 @@ FORMAT = "longmem.checkpoint/1"
 CONFIG_FILE = "longmem_config.json"
 WEIGHTS_FILE = "sidenet.safetensors"
 BACKBONE_DIR = "backbone"
+TOKENIZER_DIR = "tokenizer"  # the tokenizer of a checkpoint that references its backbone
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
@@ -49,7 +53,11 @@ def save_pretrained(model: "LongMemForCausalLM", path: str | Path, backbone: Lit
         if not ref:
             raise LongMemError("the backbone has no path to reference (it was not loaded from disk); "
                                "save it alongside with backbone='save'")
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     with atomic_dir(path) as tmp:
+        if tokenizer is not None:
+            with quiet_transformers():
+                tokenizer.save_pretrained(tmp / (BACKBONE_DIR if backbone == "save" else TOKENIZER_DIR))
         weights = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.sidenet.state_dict().items()}
         save_safetensors(tmp / WEIGHTS_FILE, weights)
         if backbone == "save":
@@ -57,8 +65,6 @@ def save_pretrained(model: "LongMemForCausalLM", path: str | Path, backbone: Lit
             state = None if dtype is None else {k: v.detach().to(dtype) for k, v in model.backbone.named_parameters()}
             with quiet_transformers():  # no "Writing model shards" bar on every save
                 model.backbone.save_pretrained(tmp / BACKBONE_DIR, state_dict=state, max_shard_size="15MB")
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp / BACKBONE_DIR)
         fingerprint = model.backbone_fingerprint
         if backbone == "save" and dtype is not None:  # the weights as saved (rounded to dtype) are what loads
             fingerprint = _saved_fingerprint(tmp / BACKBONE_DIR)
@@ -92,6 +98,25 @@ def backbone_source(path: str | Path) -> str:
         raise LongMemError(f"checkpoint {path} has no backbone/ folder and names no backbone path, so it cannot be "
                            f"loaded on its own; save it again with its backbone (`longmem export`)")
     return ref
+
+
+def load_checkpoint_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint (`tokenizer/`, else with its backbone), or None when it has none."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path)
+    source = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else backbone_source(path)
+    local = Path(source).is_dir()
+    if local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError) as e:
+        if not local:  # a referenced backbone that comes without a tokenizer
+            return None
+        raise LongMemError(f"the tokenizer saved with {path} in {source} is unreadable ({_first_line(e)}); restore "
+                           f"that folder, or save the checkpoint again with its tokenizer") from e
 
 
 def from_pretrained(cls, path: str | Path, backbone=None, device=None, dtype=None, *, torch_dtype=None,
@@ -145,6 +170,7 @@ def from_pretrained(cls, path: str | Path, backbone=None, device=None, dtype=Non
     if missing or unexpected:
         raise LongMemError(f"{path / WEIGHTS_FILE} does not match the config (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}); the checkpoint is corrupt or from another version")
+    model.tokenizer = load_checkpoint_tokenizer(path)
     if dtype not in (None, "auto"):
         model.to(dtype)
     if device is not None:

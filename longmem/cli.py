@@ -32,15 +32,39 @@ def positive_int(what: str, example: str):
     return parse
 
 
-def temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a sampling temperature; give a number >= 0 "
-                                         f"(0 = greedy decoding), e.g. 0.8")
-    return value
+def number(what: str, ok, hint: str):
+    """A float flag whose value must satisfy ok(value) (NaN and infinities never do)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {hint}")
+        return value
+    return parse
+
+
+def token_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token id; give a whole number >= 0, e.g. --eos 0")
+    return int(text)
+
+
+def seed(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed; give a whole number >= 0, e.g. --seed 1")
+    return int(text)
+
+
+def stop_text(text: str) -> str:
+    text = utf8_text(text)
+    if not text:
+        raise argparse.ArgumentTypeError("an empty stop string would stop at once; give some text, e.g. --stop .")
+    return text
+
+
+temperature = number("a sampling temperature", lambda v: v >= 0, "a number >= 0 (0 = greedy decoding), e.g. 0.8")
 
 
 def utf8_text(text: str) -> str:
@@ -109,18 +133,51 @@ def cmd_memorize(args) -> None:
           f"-> {args.out}")
 
 
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
+def generation_options(args) -> dict:
+    """The generation options the flags set (only those given), checked now, before any model is loaded."""
+    from longmem.generation import GenerationOptions
+
+    if not args.do_sample:
+        for name, flag in SAMPLING_FLAGS.items():
+            value = getattr(args, name)
+            if value is not None and not (name == "temperature" and value == 0):
+                raise LongMemError(f"{flag} {value:g} only applies when sampling; add --do-sample (greedy decoding "
+                                   f"is the default)")
+    elif args.temperature == 0:
+        raise LongMemError("--temperature 0 is greedy decoding, which --do-sample contradicts; drop one of them, "
+                           "or give a temperature > 0, e.g. 0.8")
+    if args.eos and args.ignore_eos:
+        raise LongMemError("--eos and --ignore-eos contradict each other; give one of them")
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+               "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "seed": args.seed, "stop_strings": args.stop, "eos_token_id": args.eos}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.ignore_eos:
+        options["eos_token_id"] = None
+    GenerationOptions().replace(**options).validate()
+    return options
+
+
+def check_memory_file(path: str | None, flag: str = "--memory") -> None:
+    if path and Path(path).is_dir():
+        raise LongMemError(f"{flag} {path} is a folder; give a memory file written by `longmem memorize`")
+
+
 def cmd_generate(args) -> None:
-    """Continue a prompt, optionally with a saved memory or a text read into memory first."""
+    """Continue a prompt, printing the text as it is produced; optionally with a saved memory or a text
+    read into memory first."""
     import torch
 
     if not args.prompt.strip():
         raise LongMemError("--prompt is empty; give some text to continue")
+    options = generation_options(args)
     check_model(args.model, args.device)
-    if args.memory:
-        if Path(args.memory).is_dir():
-            raise LongMemError(f"--memory {args.memory} is a folder; give a memory file written by `longmem memorize`")
-        if not Path(args.memory).is_file():
-            raise LongMemError(f"--memory file not found: {args.memory}; write one with `longmem memorize`")
+    check_memory_file(args.memory)
+    if args.memory and not Path(args.memory).is_file():
+        raise LongMemError(f"--memory file not found: {args.memory}; write one with `longmem memorize`")
     text = read_text(args.memorize, "--memorize") if args.memorize else None
     model, tok = load_model(args.model, args.device)
     memory = model.load_memory(args.memory) if args.memory else model.new_memory(1)
@@ -131,11 +188,61 @@ def cmd_generate(args) -> None:
     prompt = torch.tensor([tok(args.prompt)["input_ids"]], device=model.device)
     if prompt.shape[1] == 0:
         raise LongMemError("--prompt is empty; give some text to continue")
-    g = torch.Generator(device=model.device).manual_seed(args.seed)
+    out = sys.stdout
+    if args.echo:
+        out.write(args.prompt)
+        out.flush()
     with autocast(model.device):
-        out = model.generate(prompt, memory=memory, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, generator=g)
-    print(tok.decode(out[0, prompt.shape[1]:].tolist()))
+        for piece in model.stream(prompt, memory=memory, tokenizer=tok, **options):
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+
+
+def cmd_chat(args) -> None:
+    """Chat with a model that remembers the conversation in a memory file (one line per turn on stdin;
+    /reset forgets, /quit or end of input ends). The file is saved after every turn; run again to continue."""
+    from longmem.chat import STOP_STRINGS, ChatSession, chat_options
+    from longmem.io import check_writable
+
+    options = generation_options(args)
+    options["stop_strings"] = [*STOP_STRINGS, *options.get("stop_strings", [])]
+    check_memory_file(args.memory)
+    check_writable(args.memory, "--memory")
+    check_model(args.model, args.device)
+    model, tok = load_model(args.model, args.device)
+    with autocast(model.device):
+        session = ChatSession(model, tok, args.memory, chat_options(model).replace(**options))
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(f"memory {args.memory}: {int(session.memory.written[0]):,} tokens so far; /reset forgets them, "
+                  f"/quit or Ctrl-D ends", file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if interactive else "").strip()
+            except EOFError:
+                break
+            if line == "/quit":
+                break
+            if line == "/reset":
+                session.reset()
+                print("(memory cleared)", file=sys.stderr)
+            elif line.startswith("/"):
+                print(f"unknown command {line.split()[0]}; the commands are /reset and /quit", file=sys.stderr)
+            elif line:
+                chat_turn(session, line)
+
+
+def chat_turn(session, line: str) -> None:
+    """One turn of `longmem chat`: the reply streamed to stdout; Ctrl-C abandons the turn, not the chat."""
+    try:
+        for piece in session.say(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n(interrupted: this turn was not kept)", file=sys.stderr)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def cmd_data_prepare(args) -> None:
@@ -293,6 +400,28 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. steps=100 optim.lr=3e-4")
 
 
+def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The decoding flags of generate and chat (greedy unless --do-sample, as in HF's generate)."""
+    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 64"),
+                   default=max_new_tokens, help=f"new tokens at most (default: {max_new_tokens})")
+    p.add_argument("--do-sample", action="store_true", help="sample the next token (default: greedy, the most likely)")
+    p.add_argument("--temperature", type=temperature, help="with --do-sample: divide the logits by this, > 0 "
+                   "(default 1.0); 0 = greedy decoding")
+    p.add_argument("--top-k", type=positive_int("a number of candidate tokens", "--top-k 40"),
+                   help="with --do-sample: sample among the k most likely tokens")
+    p.add_argument("--top-p", type=number("a probability mass", lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.9"),
+                   help="with --do-sample: sample among the most likely tokens that make up this probability")
+    p.add_argument("--repetition-penalty", type=number("a repetition penalty", lambda v: v > 0,
+                                                       "a number > 0 (1 = off), e.g. 1.2"),
+                   help="make tokens already in the text less likely (> 1) or more (< 1); default 1 = off")
+    p.add_argument("--seed", type=seed, help="seed of the sampling, for a reproducible run")
+    p.add_argument("--stop", action="append", type=stop_text, metavar="TEXT",
+                   help="end the text before this string (repeatable; a newline: --stop $'\\n')")
+    p.add_argument("--eos", action="append", type=token_id, metavar="ID",
+                   help="token id that ends the text (repeatable; default: the model's end-of-text token)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="LongMem checkpoint folder, or 'default' (the shipped model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -330,13 +459,16 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
     p = command(sub, "generate", cmd_generate)
     add_model_args(p)
     p.add_argument("--prompt", required=True, type=utf8_text, help="text to continue")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--memory", help="a memory file written by `longmem memorize`")
     p.add_argument("--memorize", help="a text file to read into memory before generating")
-    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 64"), default=64)
-    p.add_argument("--temperature", type=temperature, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=positive_int("a number of candidate tokens", "--top-k 40"), default=40,
-                   help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_args(p, max_new_tokens=64)
+
+    p = command(sub, "chat", cmd_chat)
+    add_model_args(p)
+    p.add_argument("--memory", required=True, help="the conversation's memory file (.safetensors): created if "
+                   "absent, continued if present (a file written by `longmem memorize` works too)")
+    add_generation_args(p, max_new_tokens=128)
 
     p = command(sub, "demo", cmd_demo)
     add_model_args(p)

@@ -75,3 +75,7 @@ class RecomputeDecoder:
     def _logits(self) -> torch.Tensor:
         out = self.model(self.ctx, memory=self.memory, attention_mask=self.mask, update_memory=False)
         return out.logits[:, -1].float()  # (B, V)
+
+
+def make_decoder(model, memory, incremental: bool = True):  # TEMP: the decode branch's version replaces this at merge
+    return RecomputeDecoder(model, memory)

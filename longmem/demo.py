@@ -133,5 +133,5 @@ def show_generation(model, tok, ids, far, first, T, results) -> None:
             memory = model.new_memory(1)
             if use_memory:
                 model.memorize(ids[None, :seg_start].to(model.device), memory, show_progress=True)
-            out = model.generate(prompt, memory=memory, max_new_tokens=24, temperature=0)
+            out = model.generate(prompt, memory=memory, max_new_tokens=24)  # greedy
             print(f"  {label:<15}: " + tok.decode(out[0, prompt.shape[1]:].tolist()).replace("\n", " "))

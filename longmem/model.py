@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from longmem.errors import LongMemError
 from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever
 from longmem.runtime import cast_unless_autocast
 from longmem.sidenet import SegmentContext, SideNet
+
+if TYPE_CHECKING:
+    from longmem.generation import GenerationOptions
 
 
 @dataclass
@@ -51,7 +54,7 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class LongMemForCausalLM(nn.Module):
-    def __init__(self, backbone: nn.Module, config: LongMemConfig):
+    def __init__(self, backbone: nn.Module, config: LongMemConfig, tokenizer=None):
         super().__init__()
         self.adapter = adapter_for(backbone)
         self.config = config.resolve(self.adapter.num_layers)
@@ -60,11 +63,15 @@ class LongMemForCausalLM(nn.Module):
         c = self.config
         self.sidenet = SideNet(self.adapter, c.sidenet_layers, c.sidenet_memory_layer, c.topk_chunks)
         self.backbone_fingerprint = self.adapter.fingerprint()
+        self.tokenizer = tokenizer  # the backbone's tokenizer, when known: saved with the model, used to stream text
+        self.generation_config = generation_defaults(backbone)  # what generate uses unless told otherwise
 
     @classmethod
-    def from_backbone(cls, backbone: nn.Module, config: LongMemConfig | None = None) -> "LongMemForCausalLM":
-        """Build a LongMem model around `backbone` (frozen in place; the SideNet copies its blocks)."""
-        return cls(backbone, config or LongMemConfig())
+    def from_backbone(cls, backbone: nn.Module, config: LongMemConfig | None = None,
+                      tokenizer=None) -> "LongMemForCausalLM":
+        """Build a LongMem model around `backbone` (frozen in place; the SideNet copies its blocks). The backbone's
+        tokenizer, if given, becomes `model.tokenizer`: save_pretrained writes it and generation can stream text."""
+        return cls(backbone, config or LongMemConfig(), tokenizer)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -172,33 +179,85 @@ class LongMemForCausalLM(nn.Module):
         prefix = (n - 1) // seg * seg
         return prefix, n - prefix
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, max_new_tokens: int = 32,
-                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample a continuation of input_ids (B, N) -> (B, N + new); temperature 0 is greedy.
+    def _options(self, generation_config, options: dict, prompt_tokens: int) -> "GenerationOptions":
+        """generation_config (None: self.generation_config) with `options` applied; max_length -> max_new_tokens."""
+        from longmem.generation import GenerationOptions
 
-        The prompt's whole segments before its last tokens are memorized first (`split_prompt`). The local
-        context is at most one segment: when it overflows, its older half is written into memory and dropped.
+        base = self.generation_config if generation_config is None else generation_config
+        if not isinstance(base, GenerationOptions):
+            if not hasattr(base, "to_diff_dict"):
+                raise LongMemError(f"generation_config must be a longmem GenerationOptions or a transformers "
+                                   f"GenerationConfig, not {type(base).__name__}")
+            base = GenerationOptions.from_hf(base)
+        options = dict(options)
+        max_length = options.pop("max_length", None)
+        if max_length is not None:
+            if "max_new_tokens" in options:
+                raise LongMemError("pass max_new_tokens or max_length, not both (max_length counts the prompt too)")
+            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < prompt_tokens:
+                raise LongMemError(f"max_length={max_length!r} is shorter than the prompt ({prompt_tokens} tokens); "
+                                   f"it counts the prompt too: give at least {prompt_tokens}, or use max_new_tokens")
+            options["max_new_tokens"] = max_length - prompt_tokens
+        return base.replace(**options).validate()
+
+    def _steps(self, input_ids, attention_mask, memory, generation_config, streamer, tokenizer, generator,
+               incremental, options):
+        """The checked options, and an iterator of `longmem.generation.Step`s (streamer fed as HF's generate does)."""
+        from longmem.decoding import make_decoder
+        from longmem.generation import check_prompt, decode_steps
+
+        check_prompt(input_ids, attention_mask)
+        opts = self._options(generation_config, options, input_ids.shape[1])
+        if input_ids.device != self.device:
+            raise LongMemError(f"input_ids is on {input_ids.device} but the model on {self.device}; move it with "
+                               f".to(model.device)")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+        decoder = make_decoder(self, memory if memory is not None else self.new_memory(input_ids.shape[0]),
+                               incremental)
+        steps = decode_steps(decoder, input_ids, attention_mask, opts, generator, tokenizer)
+        return opts, steps if streamer is None else _streamed(steps, streamer, input_ids)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 memory: MemoryBank | None = None, generation_config=None, *, streamer=None, tokenizer=None,
+                 generator: torch.Generator | None = None, incremental: bool = True, **options) -> torch.Tensor:
+        """Continue input_ids (B, N) -> (B, N + new), like HF's generate; greedy unless do_sample=True.
+
+        options: any `longmem.generation.GenerationOptions` field (max_new_tokens, do_sample, temperature, top_k,
+        top_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings, seed) or max_length (prompt included);
+        they override generation_config (a GenerationOptions or a transformers GenerationConfig; default
+        `model.generation_config`: the backbone's eos and pad tokens). Rows of different lengths are left-padded
+        with an attention_mask; a row that finished gets pad_token_id while others continue. `memory` (one bank
+        per row; default: a fresh one) is read and written: the prompt's whole segments before its last tokens are
+        memorized first (`split_prompt`), and when the local context outgrows segment_length its older half goes
+        into memory. streamer: HF's convention (`put` the prompt, then each step's tokens; `end`), e.g.
+        transformers' TextStreamer. tokenizer (default model.tokenizer): needed for stop_strings.
+        incremental: the KV-cached decoder (False: recompute the whole local context every step, the reference).
         """
-        from longmem.decoding import RecomputeDecoder
-        from longmem.generation import sample_next
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        _, steps = self._steps(input_ids, attention_mask, memory, generation_config, streamer, tokenizer, generator,
+                               incremental, options)
+        new = [step.tokens for step in steps]
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
-        B, N = input_ids.shape
-        decoder = RecomputeDecoder(self, memory if memory is not None else self.new_memory(B))
-        new = []
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = decoder.prefill(input_ids)
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, generator)[:, 0]  # (B,)
-            if eos_token_id is not None:
-                token = token.masked_fill(done, eos_token_id)
-                done |= token == eos_token_id
-            new.append(token[:, None])
-            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
-                break
-            logits = decoder.step(token)
-        return torch.cat([input_ids, *new], dim=1)
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               memory: MemoryBank | None = None, generation_config=None, *, streamer=None, tokenizer=None,
+               generator: torch.Generator | None = None, incremental: bool = True, **options) -> Iterator:
+        """`generate`, as an iterator over what is produced, step by step. With a tokenizer (the argument, else
+        model.tokenizer): text. For one row, its non-empty text pieces (str), which never split a character and
+        end before a stop string; for B rows, a list of B pieces ("" for a row with nothing new). Their
+        concatenation is the decoded continuation (special tokens skipped). Without a tokenizer: the new tokens
+        (B,) of each step. Arguments are checked when stream is called; the work happens while iterating.
+        """
+        from longmem.generation import prompt_contexts
+        from longmem.textstream import text_pieces
+
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        opts, steps = self._steps(input_ids, attention_mask, memory, generation_config, streamer, tokenizer,
+                                  generator, incremental, options)
+        if tokenizer is None:
+            return (step.tokens for step in steps)
+        return text_pieces(steps, tokenizer, prompt_contexts(input_ids, attention_mask), opts.stops)
 
     # ---- persistence ---------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, backbone: Literal["save", "reference"] = "save", **kwargs) -> None:
@@ -213,3 +272,23 @@ class LongMemForCausalLM(nn.Module):
         """Load a checkpoint in eval mode; kwargs: torch_dtype, device_map ("auto" or a device), as in transformers."""
         from longmem.checkpoint import from_pretrained
         return from_pretrained(cls, path, backbone, device, dtype, **kwargs)
+
+
+def _streamed(steps, streamer, input_ids: torch.Tensor):
+    """`steps`, feeding an HF streamer on the way: the prompt (B, N) first, then each step's tokens (B,); end()."""
+    streamer.put(input_ids.cpu())
+    try:
+        for step in steps:
+            streamer.put(step.tokens.cpu())
+            yield step
+    finally:
+        streamer.end()
+
+
+def generation_defaults(backbone: nn.Module) -> "GenerationOptions":
+    """HF's defaults for a model: the eos and pad tokens of the backbone's generation config (or its config)."""
+    from longmem.generation import GenerationOptions
+
+    source = getattr(backbone, "generation_config", None) or backbone.config
+    eos, pad = getattr(source, "eos_token_id", None), getattr(source, "pad_token_id", None)
+    return GenerationOptions(eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos, pad_token_id=pad)

@@ -275,10 +275,19 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer saved in folder `path` (it must hold a tokenizer.json)."""
+def load_tokenizer(path: str | os.PathLike = "default"):
+    """A tokenizer: "default" (the shipped model's), a LongMem checkpoint folder (the tokenizer saved with it), or
+    a folder holding a fast tokenizer (tokenizer.json), such as the prepared data/tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
+    from longmem.checkpoint import CONFIG_FILE, load_checkpoint_tokenizer
+
+    if str(path) == "default" or (Path(path) / CONFIG_FILE).is_file():
+        tokenizer = load_checkpoint_tokenizer(path)
+        if tokenizer is None:
+            raise LongMemError(f"checkpoint {path} was saved without a tokenizer; save it again with one "
+                               f"(model.save_pretrained(path, tokenizer=...) or `longmem export`)")
+        return tokenizer
     if not (Path(path) / "tokenizer.json").is_file():
         raise LongMemError(f"no tokenizer.json in {path}; point to a folder holding a fast tokenizer "
                            f"(the prepared data/tokenizer, or a model folder)")
@@ -292,23 +301,16 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_model(name_or_path: str | os.PathLike = "default", device: "str | torch.device | None" = "auto",
                dtype: "str | torch.dtype | None" = None) -> tuple["LongMemForCausalLM", object]:
-    """A LongMem checkpoint ('default' = the model shipped with longmem) and its tokenizer, in eval mode,
-    on `device` ("auto", "cpu", "cuda", "cuda:N"), in `dtype` (None: as saved; a dtype or a name)."""
-    from transformers import AutoTokenizer
-
-    from longmem.checkpoint import backbone_source
+    """A LongMem checkpoint ('default' = the model shipped with longmem) and its tokenizer (also
+    `model.tokenizer`), in eval mode, on `device` ("auto", "cpu", "cuda", "cuda:N"), in `dtype` (None: as saved;
+    a dtype or a name)."""
     from longmem.model import LongMemForCausalLM
 
     model = LongMemForCausalLM.from_pretrained(name_or_path, device=resolve_device(device), dtype=to_dtype(dtype))
-    model.eval()
-    source = backbone_source(name_or_path)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as e:
-        raise LongMemError(f"no usable tokenizer found with the backbone of {name_or_path} ({_first_line(e)}); "
-                           f"save one next to the backbone, e.g. with `longmem export`") from e
-    return model, tokenizer
+    if model.tokenizer is None:
+        raise LongMemError(f"no tokenizer was saved with {name_or_path}; save the checkpoint again with one "
+                           f"(model.save_pretrained(path, tokenizer=...) or `longmem export`)")
+    return model.eval(), model.tokenizer
 
 
 def _first_line(e: BaseException) -> str:

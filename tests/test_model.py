@@ -140,7 +140,7 @@ def test_generate_with_memory(family):
     # 5 + 19 tokens were fed (the last new token is never fed back): the 16-token window overflowed once at
     # 17 tokens and its older 8 tokens were memorized
     assert len(memory) == 32 + 8
-    sampled = model.generate(prompt[:1], max_new_tokens=5, temperature=0.8, top_k=5,
+    sampled = model.generate(prompt[:1], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=5,
                              generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (1, 42)
 

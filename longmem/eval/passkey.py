@@ -141,9 +141,9 @@ def trial(model, tok, p: PasskeyPrompt, memory_size: int, new_tokens: int) -> di
         for row in ROWS:
             use = row == "longmem_memory"
             memory = model.new_memory(1, memory_size=memory_size)
-            gen = model.generate(ids if use else ids[:, prefix:], memory=memory, max_new_tokens=new_tokens,
-                                 temperature=0)
-            text = tok.decode(gen[0, gen.shape[1] - new_tokens:].tolist())
+            prompt = ids if use else ids[:, prefix:]
+            gen = model.generate(prompt, memory=memory, max_new_tokens=new_tokens)  # greedy
+            text = tok.decode(gen[0, prompt.shape[1]:].tolist())
             m = re.search(r"\d+", text)
             out["pred"][row] = m.group() if m else ""
             out["correct"][row] = out["pred"][row] == p.key
