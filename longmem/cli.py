@@ -324,15 +324,16 @@ def cmd_serve(args) -> None:
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        raise LongMemError(f"longmem serve needs {' and '.join(missing)}; install them with pip install 'longmem[serve]'")
+        raise LongMemError(f"longmem serve needs {' and '.join(missing)}; install them with "
+                           f"pip install 'longmem[serve]'")
     check_writable(args.data_dir, "--data-dir", "folder")
     check_model(args.model, args.device)
     from longmem.server.app import serve
 
     serve(ServerConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device,
-                       precision=args.precision, max_loaded=args.max_loaded, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
-                       max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                       max_append_tokens=args.max_append_tokens).validate())
+                       precision=args.precision, max_loaded=args.max_loaded, max_batch=args.max_batch,
+                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, max_append_tokens=args.max_append_tokens).validate())
 
 
 def port(text: str) -> int:
@@ -523,8 +524,8 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
                    default=d.max_body_bytes, help="largest JSON request body")
     p.add_argument("--max-prompt-tokens", type=positive_int("a number of tokens", "--max-prompt-tokens 4096"),
                    default=d.max_prompt_tokens, help="longest prompt a request may send")
-    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 512"), default=d.max_new_tokens,
-                   help="most tokens a request may ask to generate")
+    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 512"),
+                   default=d.max_new_tokens, help="most tokens a request may ask to generate")
     p.add_argument("--max-append-tokens", type=positive_int("a number of tokens", "--max-append-tokens 65536"),
                    default=d.max_append_tokens, help="most tokens one append may add to a memory")
 

@@ -85,7 +85,7 @@ def srv(checkpoint, loaded, tmp_path_factory):
 
 
 def ids_of(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text)["input_ids"]
 
 
 def memorized(model, texts_ids) -> MemoryBank:
@@ -178,7 +178,8 @@ def test_export_import_roundtrip_and_bad_files(srv, tmp_path):
     h = srv.create("src")
     srv.http.post("/v1/memories/src/append", json={"text": TEXT}, headers=h)
     data = srv.http.get("/v1/memories/src/file", headers=h)
-    assert data.status_code == 200 and data.content == (srv.service.store.root / "src" / "memory.safetensors").read_bytes()
+    assert data.status_code == 200
+    assert data.content == (srv.service.store.root / "src" / "memory.safetensors").read_bytes()
     h2 = srv.create("dst")
     r = srv.http.put("/v1/memories/dst/file", content=data.content, headers=h2)
     assert r.status_code == 200, r.text
@@ -266,7 +267,8 @@ def test_invalid_names_are_refused(srv, name):
     r = srv.http.get(f"/v1/memories/{httpx.URL('/x/' + name).raw_path.decode()[3:]}",
                      headers={"Authorization": "Bearer t"})
     assert r.status_code in (400, 404)  # ".." is normalised away by the client: then no such route
-    assert not any(p.name.startswith(".") and not p.name.startswith(".staging") for p in srv.service.store.root.iterdir())
+    root = srv.service.store.root
+    assert not any(p.name.startswith(".") and not p.name.startswith(".staging") for p in root.iterdir())
 
 
 def test_traversal_in_the_path_never_reaches_the_disk(srv):
@@ -319,7 +321,8 @@ def test_generation_limits(srv):
     for body, status, fragment in cases:
         r = srv.http.post(url, json=body, headers=h)
         assert r.status_code == status and fragment in error_message(r), (body, r.text)
-    r = srv.http.post(url, content=b'{"prompt": "hi", "temperature": NaN}', headers={**h, "Content-Type": "application/json"})
+    r = srv.http.post(url, content=b'{"prompt": "hi", "temperature": NaN}',
+                      headers={**h, "Content-Type": "application/json"})
     assert r.status_code == 422 and "temperature" in error_message(r)
     r = srv.http.post("/v1/completions", json={"prompt": "hi", "n": 2})
     assert r.status_code == 422 and "n: Input should be 1" in error_message(r)
@@ -499,3 +502,35 @@ def test_recover_removes_what_a_crash_left(checkpoint, loaded, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and store.names() == ["kept"]
     store.authorize("kept", token)
     assert int(store.get("kept").written[0]) == 0
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_memory(srv):
+    h = srv.create("leaver")
+    with srv.http.stream("POST", "/v1/memories/leaver/complete", headers=h,
+                         json={"prompt": "import heapq\n", "max_new_tokens": 32, "stream": True, "append": True}) as s:
+        next(s.iter_lines())  # the first event, then hang up
+    for _ in range(100):  # bounded: the lock is released once the server notices
+        r = srv.http.post("/v1/memories/leaver/append", json={"text": "still here"}, headers=h, timeout=5)
+        if r.status_code == 200:
+            break
+    assert r.status_code == 200
+    assert r.json()["stats"]["tokens_written"] == len(ids_of(srv.tok, "still here"))  # the cut exchange was not kept
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("serve --model {ckpt} --port 70000", "--port: '70000' is not a TCP port"),
+    ("serve --model {ckpt} --data-dir {file}", "--data-dir {file} is an existing file; give a folder path"),
+    ("serve --model {tmp}/nope", "is not a LongMem checkpoint"),
+    ("serve --model {ckpt} --max-new-tokens 0", "--max-new-tokens: '0' is not a number of tokens"),
+    ("serve --model {ckpt} --precision fp8", "argument --precision: invalid choice"),
+])
+def test_serve_command_line_errors(checkpoint, tmp_path, capsys, monkeypatch, argv, message):
+    import longmem.server.app
+    from longmem.cli import main
+
+    monkeypatch.setattr(longmem.server.app, "serve", lambda config: pytest.fail("the server must not start"))
+    (tmp_path / "f.txt").write_text("x")
+    fill = dict(ckpt=checkpoint, tmp=tmp_path, file=tmp_path / "f.txt")
+    assert main(argv.format(**fill).split()) == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err and len(err.strip().splitlines()) == 1, err

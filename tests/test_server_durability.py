@@ -42,7 +42,8 @@ def free_port() -> int:
 def start(checkpoint: str, data_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "longmem.cli", "serve", "--model", checkpoint, "--device", "cpu",
-                             "--precision", "fp32", "--data-dir", str(data_dir), "--port", str(port)], env=env, cwd=ROOT,
+                             "--precision", "fp32", "--data-dir", str(data_dir), "--port", str(port)],
+                            env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # bounded wait for /health

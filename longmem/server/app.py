@@ -136,8 +136,9 @@ def create_app(config: ServerConfig, model=None, tokenizer=None) -> FastAPI:
     # ---- service ----------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        batches = service.scheduler.batches
         return {"status": "ok", "model": model_name, "memories_loaded": len(service.store.loaded()),
-                "batches_run": len(service.scheduler.batches)}
+                "batches_run": len(batches), "rows_run": sum(batches)}
 
     @app.get("/v1/models")
     async def models():

@@ -53,7 +53,7 @@ class Service:
         return name
 
     def encode(self, text: str, what: str, limit: int) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text)["input_ids"]
         if not ids:
             raise ApiError(400, f"the {what} is empty; give some text")
         if len(ids) > limit:
