@@ -18,6 +18,7 @@ from pathlib import Path
 from longmem.errors import LongMemError
 from longmem.config import RETRIEVERS
 from longmem.runtime import CANONICAL_DTYPES, autocast, load_model
+from longmem.server.config import ServerConfig
 
 
 # ---- argument types: a bad value is a one-line error naming the flag ---------------------------
@@ -317,6 +318,36 @@ def cmd_demo(args) -> None:
                         device=args.device, retriever=args.retriever))
 
 
+def cmd_serve(args) -> None:
+    """Serve the model over HTTP with persistent, isolated, named memories (OpenAI-compatible; docs at /docs)."""
+    import importlib.util
+
+    from longmem.io import check_writable
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LongMemError(f"longmem serve needs {' and '.join(missing)}; install them with "
+                           f"pip install 'longmem[serve]'")
+    check_writable(args.data_dir, "--data-dir", "folder")
+    check_model(args.model, args.device)
+    from longmem.server.app import serve
+
+    serve(ServerConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device,
+                       precision=args.precision, max_loaded=args.max_loaded, max_batch=args.max_batch,
+                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, max_append_tokens=args.max_append_tokens).validate())
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give a number from 0 to 65535, e.g. 8000")
+    return value
+
+
 EVAL_TASKS = {  # subcommand -> (module, options class)
     "ppl": ("longmem.eval.ppl", "PplOptions"),
     "suffix": ("longmem.eval.suffix", "SuffixOptions"),
@@ -480,6 +511,27 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--book", default="austen/persuasion", help="dev document id to read")
     p.add_argument("--score-tokens", type=positive_int("a number of tokens", "--score-tokens 8192"), default=8192,
                    help="score this many of the book's last tokens")
+
+    p = command(sub, "serve", cmd_serve)
+    add_model_args(p)
+    d = ServerConfig()
+    p.add_argument("--data-dir", default=d.data_dir, help="folder of the named memories (created if missing)")
+    p.add_argument("--host", default=d.host, help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port, default=d.port)
+    p.add_argument("--precision", default=d.precision, choices=("bf16", "fp32"),
+                   help="compute precision of every forward (bf16 autocast: the fast choice on CPUs and GPUs)")
+    p.add_argument("--max-loaded", type=positive_int("a number of memories", "--max-loaded 64"), default=d.max_loaded,
+                   help="memories kept in RAM, least recently used dropped first")
+    p.add_argument("--max-batch", type=positive_int("a batch size", "--max-batch 16"), default=d.max_batch,
+                   help="most generations run together in one forward")
+    p.add_argument("--max-body-bytes", type=positive_int("a number of bytes", "--max-body-bytes 1048576"),
+                   default=d.max_body_bytes, help="largest JSON request body")
+    p.add_argument("--max-prompt-tokens", type=positive_int("a number of tokens", "--max-prompt-tokens 4096"),
+                   default=d.max_prompt_tokens, help="longest prompt a request may send")
+    p.add_argument("--max-new-tokens", type=positive_int("a number of tokens", "--max-new-tokens 512"),
+                   default=d.max_new_tokens, help="most tokens a request may ask to generate")
+    p.add_argument("--max-append-tokens", type=positive_int("a number of tokens", "--max-append-tokens 65536"),
+                   default=d.max_append_tokens, help="most tokens one append may add to a memory")
 
     p = sub.add_parser("eval", help="the paper's experiments: ppl, suffix, icl, passkey; and report")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
