@@ -5,15 +5,11 @@ event loop never blocks on compute and forwards never compete for the cores. Req
 up while a batch runs; when the worker is free it takes everything waiting (after a short
 `batch_wait_ms` pause when it was idle, so near-simultaneous requests meet), groups the
 generations that can share a batch and runs each group as one batch. Each row works on a copy
-of its memory (a stored memory never changes by generating); a prompt longer than a segment
-has its whole segments memorized into that copy first, row by row, exactly as `generate` does
-for one row (`split_prompt`), so every row starts from the state it would have alone, however
-long its neighbours' prompts. The copies are stacked into one bank (`MemoryBank.stack`), the
-rest of the prompts (1..segment_length tokens) left-padded, and one decoder steps every row at
-once. While the rows' local windows do not overflow, a row's tokens are those it would get
-alone (to float rounding); once they do, the decoder moves the older half of the padded window
-into memory for all rows at the same step, which for a shorter row is a slightly different
-cut than alone.
+of its memory (a stored memory never changes by generating); the copies are stacked into one
+bank (`MemoryBank.stack`), the prompts left-padded, and one decoder steps every row at once.
+The decoder treats rows independently (each row's prompt split and window overflow follow its
+own length, `longmem.decoding`), so a row's tokens are those it would get alone, to float
+rounding, however long its neighbours' prompts.
 
 Rows of one batch share the sampling settings (do_sample, temperature, top_k, top_p,
 repetition_penalty, end token); `max_new_tokens` and stop strings are per row (a row that is
@@ -153,16 +149,9 @@ class BatchScheduler:
         self.batches.append(B)
         o = jobs[0].options
         options = o.replace(max_new_tokens=max(j.options.max_new_tokens for j in jobs), stop_strings=None)
-        banks, local = [], []
-        for job in jobs:  # each row's whole prompt segments go into its memory first, as generate does for one row
-            bank = job.memory.select([0]) if job.memory is not None else model.new_memory(1)
-            prefix, _ = model.split_prompt(len(job.prompt_ids))
-            if prefix:
-                with torch.no_grad(), autocast(model.device, self.precision):
-                    model.memorize(torch.tensor([job.prompt_ids[:prefix]], device=model.device), bank)
-            banks.append(bank)
-            local.append(job.prompt_ids[prefix:])  # 1..segment_length tokens
-        memory = MemoryBank.stack(banks)
+        memory = MemoryBank.stack([job.memory.select([0]) if job.memory is not None else model.new_memory(1)
+                                   for job in jobs])  # copies: generating never changes a stored memory
+        local = [job.prompt_ids for job in jobs]
         N = max(len(ids) for ids in local)
         input_ids = torch.full((B, N), o.pad_id or 0, dtype=torch.long)  # (B, N) left-padded
         attention_mask = torch.zeros(B, N, dtype=torch.long)             # (B, N) 1 = real token
