@@ -196,10 +196,27 @@ def cmd_generate(args) -> None:
         out.write(args.prompt)
         out.flush()
     with autocast(model.device):
+        if args.show_retrieval:
+            show_retrieval(model, tok, prompt, memory, options, args.show_retrieval, out)
+            return
         for piece in model.stream(prompt, memory=memory, tokenizer=tok, **options):
             out.write(piece)
             out.flush()
     out.write("\n")
+
+
+def show_retrieval(model, tok, prompt, memory, options: dict, top: int, out) -> None:
+    """One line per generated token: the token, then the `top` memory chunks its query heads read most."""
+    from longmem.memory.readable import describe_reads, read_chunks
+
+    groups = model.adapter.num_heads // memory.spec.num_kv_heads
+    for i, step in enumerate(model.generate_steps(prompt, memory=memory, tokenizer=tok, **options)):
+        if not bool(step.live[0]):
+            break
+        token = int(step.tokens[0])
+        chunks = [] if step.retrieval is None else read_chunks(step.retrieval, memory, groups, top=top)
+        out.write(f"{tok.decode([token])!r}: {describe_reads(chunks, i, tok.decode)}\n")
+        out.flush()
 
 
 def cmd_chat(args) -> None:
@@ -497,6 +514,9 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--memory", help="a memory file written by `longmem memorize`")
     p.add_argument("--memorize", help="a text file to read into memory before generating")
+    p.add_argument("--show-retrieval", type=positive_int("a number of chunks", "--show-retrieval 4"), nargs="?",
+                   const=4, default=None, metavar="N",
+                   help="print, for each generated token, the N memory chunks it read most (default 4), as text")
     add_generation_args(p, max_new_tokens=64)
 
     p = command(sub, "chat", cmd_chat)

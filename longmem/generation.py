@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from longmem.errors import LongMemError
+from longmem.memory.retrieval import Retrieval
 from longmem.textstream import Detokenizer
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p")
@@ -194,6 +195,10 @@ class Step:
     """(B,) the new token of every row (pad_token_id for a row that had already finished)."""
     live: torch.Tensor
     """(B,) bool: the rows whose token is a real new token (not padding after the row finished)."""
+    retrieval: Retrieval | None = None
+    """What the memory-augmented layer retrieved at the position these tokens were chosen for, fields
+    (B, Hkv, G, k) (`longmem.decoding`), or None with an empty memory. Read it (`longmem.memory.readable`)
+    before the next step: a window overflow may overwrite its slots."""
 
 
 def check_prompt(input_ids, attention_mask) -> None:
@@ -291,7 +296,7 @@ def _loop(decoder, input_ids, attention_mask, opts: GenerationOptions, generator
             done = done | (torch.isin(tokens, eos) & live)
         if stops is not None:
             done = done | stops.push(tokens, live)
-        yield Step(tokens, live)
+        yield Step(tokens, live, getattr(decoder, "retrieval", None))
         if bool(done.all()) or i == opts.max_new_tokens - 1:
             return
         logits = decoder.step(tokens)

@@ -259,6 +259,16 @@ class LongMemForCausalLM(nn.Module):
         new = [step.tokens for step in steps]
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
+    def generate_steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       memory: MemoryBank | None = None, generation_config=None, *, tokenizer=None,
+                       generator: torch.Generator | None = None, incremental: bool = True, **options) -> Iterator:
+        """`generate` as an iterator of `longmem.generation.Step`s: each step's new tokens (B,), which rows are
+        live, and what the memory-augmented layer retrieved for them (`Step.retrieval`, which
+        `longmem.memory.readable.read_chunks` turns into stream positions and text)."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        return self._steps(input_ids, attention_mask, memory, generation_config, None, tokenizer, generator,
+                           incremental, options)[1]
+
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                memory: MemoryBank | None = None, generation_config=None, *, streamer=None, tokenizer=None,
                generator: torch.Generator | None = None, incremental: bool = True, **options) -> Iterator:

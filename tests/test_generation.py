@@ -464,3 +464,43 @@ def test_cli_generate_streams_the_text_and_echoes_the_prompt(checkpoint, lm, tok
             expected = lm.generate(ids, max_new_tokens=10, eos_token_id=None, **kw)
         assert capsys.readouterr().out == "The old house" + tok.decode(expected[0, ids.shape[1]:],
                                                                        skip_special_tokens=True) + "\n"
+
+
+def test_each_step_reports_the_retrieval_that_chose_its_token(filled):
+    """Step.retrieval equals the memory layer's retrieval of a full forward over the context at that step."""
+    from longmem.decoding import newest_position
+
+    model, memory, prompt = filled
+    steps = list(model.generate_steps(prompt, memory=copy(memory), max_new_tokens=6, eos_token_id=None))
+    ctx = prompt
+    with torch.no_grad():
+        for step in steps:  # 6 + 6 tokens stay inside the 16-token window: the memory is never written
+            ref = newest_position(model(ctx, memory=memory, update_memory=False).retrieval, ctx.shape[1])
+            assert torch.allclose(step.retrieval.scores, ref.scores, atol=1e-5)
+            assert torch.equal(step.retrieval.valid, ref.valid)
+            ctx = torch.cat([ctx, step.tokens[:, None]], dim=1)
+
+
+def test_cli_show_retrieval_prints_what_each_token_read(checkpoint, lm, tok, tmp_path, capsys):
+    from conftest import TEXT
+    from longmem.cli import main
+    from longmem.memory.readable import describe_reads, read_chunks
+
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 3)
+    argv = ["generate", "--model", checkpoint, "--prompt", "The old house", "--memorize", str(book),
+            "--max-new-tokens", "4", "--ignore-eos", "--show-retrieval", "2", "--threads", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    memory = lm.new_memory(1)
+    G = lm.adapter.num_heads // memory.spec.num_kv_heads
+    expected = []
+    with torch.no_grad(), autocast("cpu"):  # what the CLI runs under
+        lm.memorize(torch.tensor([tok(TEXT * 3)["input_ids"]]), memory)
+        prompt = tok("The old house", return_tensors="pt").input_ids
+        for i, step in enumerate(lm.generate_steps(prompt, memory=memory, max_new_tokens=4, eos_token_id=None)):
+            chunks = read_chunks(step.retrieval, memory, G, top=2)
+            assert len(chunks) == 2 and all(c.token_ids for c in chunks)  # it read memorized text
+            t = int(step.tokens[0])
+            expected.append(f"{tok.decode([t])!r}: {describe_reads(chunks, i, tok.decode)}")
+    assert printed == expected
