@@ -57,6 +57,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
     t0 = time.time()
     model, tok = load_model(cfg.model, cfg.device)
+    model.config.retriever = cfg.retriever or model.config.retriever  # what every new memory searches with
     text = load_book(cfg)
     ids = torch.tensor(tok(text)["input_ids"])
     T, M = model.config.segment_length, model.config.memory_size
@@ -102,13 +103,12 @@ def far_reference_mask(ids: torch.Tensor, first: int, T: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.bool)
 
 
-def show_generation(model, tok, ids, far, first, T, results) -> None:
-    from longmem.runtime import autocast
-
-    hits = far.nonzero().flatten().tolist()
+def pick_example(tok, ids: torch.Tensor, far: torch.Tensor, first: int) -> int | None:
+    """The first far-reference target (an index into far) that is a rare capitalised word of the book, usually a
+    name: not the most favourable place, just the first. None when there is none."""
     counts = torch.bincount(ids, minlength=len(tok))
 
-    def is_name(i: int) -> bool:  # a capitalised word that is rare in the book (a name, usually)
+    def is_name(i: int) -> bool:
         token = int(ids[first + i])
         word = tok.decode([token])
         if not (word.startswith(" ") and word.strip()[:1].isupper() and word.strip().isalpha()
@@ -116,8 +116,13 @@ def show_generation(model, tok, ids, far, first, T, results) -> None:
             return False
         lower = tok(word.lower())["input_ids"]  # "You" is just "you" capitalised: not a name
         return not (len(lower) == 1 and int(counts[lower[0]]) > int(counts[token]))
-    # the first such place in the scored part of the book (not the most favourable one)
-    pick = next((i for i in hits if is_name(i)), None)
+    return next((i for i in far.nonzero().flatten().tolist() if is_name(i)), None)
+
+
+def show_generation(model, tok, ids, far, first, T, results) -> None:
+    from longmem.runtime import autocast
+
+    pick = pick_example(tok, ids, far, first)
     if pick is None:
         return
     pos = first + pick                      # document index of the target token
@@ -132,7 +137,7 @@ def show_generation(model, tok, ids, far, first, T, results) -> None:
     print("prompt (end of the local segment): ..." + tok.decode(prompt[0, -40:].tolist()).replace("\n", " "))
     with torch.no_grad(), autocast(model.device):
         for label, use_memory in (("without memory", False), ("with memory", True)):
-            memory = model.new_memory(1, retriever=cfg.retriever)
+            memory = model.new_memory(1)
             if use_memory:
                 model.memorize(ids[None, :seg_start].to(model.device), memory, show_progress=True)
             out = model.generate(prompt, memory=memory, max_new_tokens=24)  # greedy
