@@ -11,8 +11,8 @@ head) is taken before the segment is written, and counted three ways:
   exact expectation for a uniformly random choice of as many held chunks ("uniform").
 - **far-reference tokens** (the target does not occur in the local segment but earlier in the document, as in
   `distance.py`): the share for which some retrieved chunk, of any head, contains the target token; against the
-  chance that as many distinct held chunks, drawn uniformly at random, contain it (exact: hypergeometric).
-  Per head, the same for that head's top-k.
+  chance that as many distinct held chunks, drawn uniformly at random, contain it (exact: hypergeometric); also
+  by how far back the target last occurred (<2k, 2k-8k, 8k-32k, 32k+). Per head, the same for that head's top-k.
 - **the gate** per head, sigmoid(g_h): the weight of memory attention in the memory layer's output.
 
 Shapes: H query heads, Hkv key/value heads, G = H // Hkv, n tokens of a segment, k chunks per head, C chunk size,
