@@ -370,12 +370,14 @@ EVAL_TASKS = {  # subcommand -> (module, options class)
     "suffix": ("longmem.eval.suffix", "SuffixOptions"),
     "icl": ("longmem.eval.icl", "IclOptions"),
     "passkey": ("longmem.eval.passkey", "PasskeyOptions"),
+    "retrieval": ("longmem.eval.retrieval_stats", "RetrievalOptions"),
 }
 EVAL_HELP = {
     "ppl": "long-document perplexity by length bucket: backbone, sliding window, LongMem without/with memory",
     "suffix": "ChapterBreak-style next-chapter identification with the book's earlier part in memory",
     "icl": "in-context learning with N demonstrations in memory and k in the local context",
     "passkey": "retrieve a 5-digit key hidden at a depth of a long filler text",
+    "retrieval": "what the memory layer reads: how far back its chunks lie, far-reference hits vs chance, gates",
 }
 COMMON_HELP = {"model": "LongMem checkpoint folder, or 'default'", "data": "file or folder of documents (icl: a "
                "label<TAB>text file or a named set)", "out": "result JSON file (default results/TASK.json)",
@@ -553,7 +555,7 @@ def build_parser(with_eval_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-append-tokens", type=positive_int("a number of tokens", "--max-append-tokens 65536"),
                    default=d.max_append_tokens, help="most tokens one append may add to a memory")
 
-    p = sub.add_parser("eval", help="the paper's experiments: ppl, suffix, icl, passkey; and report")
+    p = sub.add_parser("eval", help="the paper's experiments: ppl, suffix, icl, passkey; retrieval; and report")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for task, (module, cls_name) in EVAL_TASKS.items():
         q = command(tasks, task, cmd_eval, help=EVAL_HELP[task], description=EVAL_HELP[task])

@@ -1,7 +1,8 @@
 """`longmem eval report`: result files -> one markdown report with plots (matplotlib, PNG beside it).
 
 Every task's own table is copied verbatim; plots are drawn from the summaries:
-perplexity by document-length bucket, perplexity vs memory size, and the passkey heat-map.
+perplexity by document-length bucket, perplexity vs memory size, the passkey heat-map, and what
+retrieval reads (how far back the retrieved chunks lie, against a uniform choice; the gate per head).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from longmem.errors import LongMemError
 from longmem.io import read_json, write_bytes
 
 TITLES = {"ppl": "Long-document perplexity", "suffix": "Suffix identification (ChapterBreak-style)",
-          "icl": "Memory-augmented in-context learning", "passkey": "Passkey retrieval"}
+          "icl": "Memory-augmented in-context learning", "passkey": "Passkey retrieval",
+          "retrieval": "What retrieval reads"}
 
 
 def _plt():
@@ -25,11 +27,15 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> bool:
+def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> bool:
+    _style(ax, xlabel, ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -87,7 +93,53 @@ def plot_passkey(summary: dict, path: Path) -> bool:
     return True
 
 
-PLOTS = {"ppl": [("buckets", plot_ppl_buckets), ("memory", plot_ppl_memory)], "passkey": [("grid", plot_passkey)]}
+def plot_retrieval_distance(summary: dict, path: Path) -> bool:
+    dist = summary["distance"]
+    shares, uniform = dist["all"]["log2_share"], dist["uniform"]["log2_share"]
+    if shares is None:
+        return False
+    plt = _plt()
+    used = [i for i in range(len(shares)) if shares[i] or uniform[i]]  # power-of-two bins [2^i, 2^(i+1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = [2 ** i for i in used] + [2 ** (used[-1] + 1)]  # bin edges: each bin a flat step, the last one too
+    for values, style in ((shares, dict(label="retrieved chunks, all heads")),
+                          (uniform, dict(ls="--", c="gray", label="uniform over the held chunks"))):
+        y = [100 * values[i] for i in used]
+        left.step(x, y + y[-1:], where="post", **style)
+    left.set_xscale("log", base=2)
+    _style(left, "distance back from the reading token (tokens, bins [2^i, 2^(i+1)))", "share of reads (%)")
+    names, heads = summary["buckets"], summary["per_head"]
+    buckets = [i for i in range(len(names)) if dist["all"]["counts"][i] or dist["uniform"]["share"][i]]
+    width = 0.8 / (len(heads) + 1)
+    for j, (label, share) in enumerate([*((f"head {h}", p["share"]) for h, p in enumerate(heads)),
+                                        ("uniform", dist["uniform"]["share"])]):
+        right.bar([b + (j - len(heads) / 2) * width for b in range(len(buckets))], [100 * share[i] for i in buckets],
+                  width, label=label, color="gray" if label == "uniform" else None)
+    right.set_xticks(range(len(buckets)), [names[i] for i in buckets])
+    _style(right, "distance back (tokens)", "share of the head's reads (%)")
+    fig.suptitle(f"where the retrieved chunks lie (memory {summary['memory_size']:,} tokens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_retrieval_gate(summary: dict, path: Path) -> bool:
+    gate = summary.get("gate")
+    if not gate:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(range(len(gate)), gate, label="σ(g): weight of memory attention")
+    ax.axhline(0.5, ls=":", c="gray", label="initial value (g = 0)")
+    ax.set_xticks(range(len(gate)))
+    ax.set_ylim(0, 1)
+    return _save(plt, fig, ax, path, "query head of the memory layer", "gate")
+
+
+PLOTS = {"ppl": [("buckets", plot_ppl_buckets), ("memory", plot_ppl_memory)], "passkey": [("grid", plot_passkey)],
+         "retrieval": [("distance", plot_retrieval_distance), ("gate", plot_retrieval_gate)]}
+
 
 
 def write_report(results: list[Path], out: Path) -> Path:
