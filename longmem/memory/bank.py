@@ -65,7 +65,7 @@ def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
     """sha256 of `header` and the tensors' bytes, taken in name order (what `save` stores and `load` verifies)."""
     h = hashlib.sha256(header.encode())
     for name in sorted(tensors):
-        h.update(tensors[name].view(torch.uint8).numpy().tobytes())  # logical (C) order, contiguous or not
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy())  # logical (C) order; no copy if contiguous
     return h.hexdigest()
 
 

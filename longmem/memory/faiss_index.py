@@ -41,8 +41,23 @@ class _Row:
 
     def __init__(self, indexes: list, slots: np.ndarray, trained_on: int):
         self.indexes = indexes
-        self.id_slot = slots.astype(np.int64)  # (ids,) slot of each id; the newest num_chunks ids are live
+        self._slots = slots.astype(np.int64)  # (capacity,) slot of each id, the first `total` in use
+        self.total = len(slots)               # ids given out; the newest num_chunks of them are live
         self.trained_on = trained_on
+
+    @property
+    def id_slot(self) -> np.ndarray:
+        """(total,) the slot of each id."""
+        return self._slots[:self.total]
+
+    def append(self, slots: np.ndarray) -> None:
+        """Give the next ids to `slots` (n,); the table doubles when full, so a write costs O(n) amortised."""
+        if self.total + len(slots) > len(self._slots):
+            grown = np.empty(max(2 * len(self._slots), self.total + len(slots)), dtype=np.int64)
+            grown[:self.total] = self.id_slot
+            self._slots = grown
+        self._slots[self.total:self.total + len(slots)] = slots
+        self.total += len(slots)
 
 
 class FaissRetriever(Retriever):
@@ -97,11 +112,11 @@ class FaissRetriever(Retriever):
         if len(self.rows) != bank.batch_size:  # a new bank's first write
             self.rows = [None] * bank.batch_size
         r, n = self.rows[row], int(bank.num_chunks[row])
-        if r is None or len(r.id_slot) + len(slots) > 2 * max(n, self.min_chunks) or \
+        if r is None or r.total + len(slots) > 2 * max(n, self.min_chunks) or \
                 (self.kind == "ivf" and n > 4 * r.trained_on):
             self.rows[row] = self._build(bank, row)  # first index, too many evicted ids, or outgrown lists
             return
-        first = len(r.id_slot)
+        first = r.total
         keys = bank.row_search_keys(row, slots).cpu().numpy()  # (Hkv, n', D)
         ids = np.arange(first, first + len(slots), dtype=np.int64)
         for index, x in zip(r.indexes, keys):
@@ -110,7 +125,7 @@ class FaissRetriever(Retriever):
                 index.add_with_ids(x, ids)
             else:
                 index.add(x)
-        r.id_slot = np.concatenate([r.id_slot, slots.cpu().numpy()])
+        r.append(slots.cpu().numpy())
 
     # ---- search --------------------------------------------------------------------------------
     def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
@@ -131,7 +146,7 @@ class FaissRetriever(Retriever):
                 scores[b, ..., :top.values.shape[-1]] = top.values.cpu()
                 slots[b, ..., :top.indices.shape[-1]] = order[top.indices].cpu()
                 continue
-            total = len(r.id_slot)
+            total = r.total
             sel = faiss.IDSelectorRange(total - n, total)  # the live ids: the newest n
             params = (faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe) if self.kind == "ivf"
                       else faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k)))
