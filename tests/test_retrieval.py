@@ -155,3 +155,29 @@ def test_retriever_names():
                                            r"torch-ivf$"):
         make_retriever("annoy")
     assert bank(64, retriever="torch-ivf").retriever.name == "torch-ivf"
+
+
+# ---- faiss-hnsw: inner products searched as L2 distances --------------------------------------------------------
+def test_lift_turns_inner_products_into_l2_distances():
+    from longmem.memory.faiss_index import lift, norms
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(50, D, generator=g).numpy() * 3, torch.randn(7, D, generator=g).numpy()
+    R = float(norms(x).max())
+    xl, ql = lift(x, R), np.concatenate([q, np.zeros((7, 1), np.float32)], 1)
+    dist = ((ql[:, None] - xl[None]) ** 2).sum(-1)                                # (7, 50)
+    expected = (q ** 2).sum(-1)[:, None] + R ** 2 - 2 * q @ x.T
+    np.testing.assert_allclose(dist, expected, rtol=1e-4, atol=1e-3)
+    assert (np.argsort(dist, 1)[:, :5] == np.argsort(-(q @ x.T), 1)[:, :5]).all()
+
+
+def test_hnsw_rebuilds_when_a_key_outgrows_the_lift():
+    pytest.importorskip("faiss")
+    mem = bank(capacity=4 * 1024, retriever=small_index("faiss-hnsw"), rows=1)
+    write_tokens(mem, 4 * 300, seed=12)
+    q = torch.randn(1, H, 4, D, generator=torch.Generator().manual_seed(13))
+    long = (q[0, :, :1] * 100).expand(H, 4, D).transpose(0, 1)[None]  # (1, 4, H, D): one chunk, far longer
+    mem.write(long, long)
+    found, ref = mem.search(q, 4), brute(mem, q, 4)
+    assert found.slots[0, :, 0, 0].tolist() == [300] * H  # the long chunk (along query 0) is query 0's best
+    torch.testing.assert_close(found.scores, ref.values, rtol=1e-4, atol=1e-3)
