@@ -181,3 +181,24 @@ def test_hnsw_rebuilds_when_a_key_outgrows_the_lift():
     found, ref = mem.search(q, 4), brute(mem, q, 4)
     assert found.slots[0, :, 0, 0].tolist() == [300] * H  # the long chunk (along query 0) is query 0's best
     torch.testing.assert_close(found.scores, ref.values, rtol=1e-4, atol=1e-3)
+
+
+# ---- torch-ivf against its own definition ---------------------------------------------------------------------
+def test_torch_ivf_returns_the_top_k_over_each_querys_probed_lists():
+    """Brute force of the IVF's semantics: the float32 top-k over the chunks assigned to the query's `nprobe` lists
+    (lists of unequal sizes, a wrapped ring, fewer probes than lists)."""
+    r = small_index("torch-ivf")
+    r.nprobe = 5
+    mem = bank(capacity=4 * 600, retriever=r)
+    write_tokens(mem, 4 * 900, seed=14)  # wrapped: slots reassigned
+    q = clustered(40, seed=15).permute(1, 0, 2)[None].expand(2, -1, -1, -1).contiguous()  # (B, H, Q, D)
+    found = mem.search(q, 16)
+    for b in range(2):
+        row, n = mem.retriever.rows[b], int(mem.num_chunks[b])
+        probes = (q[b] @ row.centroids.transpose(1, 2)).topk(5, dim=-1).indices         # (H, Q, 5)
+        probed = (row.assign[:, None, :n, None] == probes[:, :, None, :]).any(-1)      # (H, Q, n)
+        s = (q[b] @ mem.search_keys(n)[b].float().transpose(1, 2)).masked_fill(~probed, float("-inf"))
+        ref = s.topk(16, dim=-1)
+        torch.testing.assert_close(found.scores[b], ref.values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(found.slots[b].sort(-1).values, ref.indices.sort(-1).values)
+    assert mem.retriever.rows[0].centroids.shape[1] > 5  # the probes do prune
