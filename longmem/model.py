@@ -101,24 +101,45 @@ class LongMemForCausalLM(nn.Module):
                           fingerprint=f"{self.backbone_fingerprint}:layer{c.memory_layer}")
 
     def new_memory(self, batch_size: int, memory_size: int | None = None, retriever: Retriever | str | None = None,
-                   device: torch.device | str | None = None) -> MemoryBank:
+                   device: torch.device | str | None = None, offload: bool = False,
+                   pin_memory: bool | None = None) -> MemoryBank:
         """An empty memory with one bank per row (capacity `memory_size` tokens, default from the config; retriever:
-        a backend name or index, default `config.retriever`)."""
-        return MemoryBank(self.memory_spec(memory_size), batch_size, device or self.device,
-                          retriever or self.config.retriever)
+        a backend name or index, default `config.retriever`). offload: keep it in CPU memory while the model runs
+        elsewhere (a GPU): searched on the CPU, only the retrieved chunks move to the model; pin_memory (default:
+        when the model is on CUDA) keeps it page-locked so those moves do not block."""
+        spec, retriever = self.memory_spec(memory_size), retriever or self.config.retriever
+        if not offload:
+            if pin_memory:
+                raise LongMemError("pin_memory=True is for an offloaded memory: pass offload=True too")
+            return MemoryBank(spec, batch_size, device or self.device, retriever)
+        if device is not None and torch.device(device).type != "cpu":
+            raise LongMemError(f"an offloaded memory lives in CPU memory, not on {device}; drop device= or offload")
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        return MemoryBank(spec, batch_size, "cpu", retriever, compute_device=self.device, pin_memory=pin)
 
-    def load_memory(self, path: str | Path, retriever: Retriever | str | None = None) -> MemoryBank:
-        """`MemoryBank.load` checked against this model, searched by `retriever` (default `config.retriever`)."""
-        return MemoryBank.load(path, self.device, expect=self.memory_spec(), retriever=retriever or self.config.retriever)
+    def load_memory(self, path: str | Path, retriever: Retriever | str | None = None, offload: bool = False,
+                    pin_memory: bool | None = None) -> MemoryBank:
+        """`MemoryBank.load` checked against this model, searched by `retriever` (default `config.retriever`);
+        offload, pin_memory: as for `new_memory`."""
+        retriever = retriever or self.config.retriever
+        if not offload:
+            if pin_memory:
+                raise LongMemError("pin_memory=True is for an offloaded memory: pass offload=True too")
+            return MemoryBank.load(path, self.device, expect=self.memory_spec(), retriever=retriever)
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        return MemoryBank.load(path, "cpu", expect=self.memory_spec(), retriever=retriever,
+                               compute_device=self.device, pin_memory=pin)
 
     def _check_memory(self, memory: MemoryBank, batch_size: int) -> None:
         self.memory_spec().check_compatible(memory.spec)
         if memory.batch_size != batch_size:
             raise LongMemError(f"the memory has {memory.batch_size} rows but the input has {batch_size}; "
                                f"create it with model.new_memory(batch_size={batch_size})")
-        if memory.device != self.device:
-            raise LongMemError(f"the memory is on {memory.device} but the model on {self.device}; "
-                               f"move it with memory.to(model.device)")
+        if memory.compute_device != self.device:  # an offloaded memory may live elsewhere, if it serves this device
+            where = f"offloaded to {memory.device} for {memory.compute_device}" if memory.offload_to is not None \
+                else f"on {memory.device}"
+            raise LongMemError(f"the memory is {where} but the model on {self.device}; move it with "
+                               f"memory.to(model.device), or keep it in CPU memory with memory.offload(model.device)")
 
     # ---- forward ----------------------------------------------------------------------
     def _backbone(self, input_ids, attention_mask):

@@ -163,7 +163,7 @@ class MemoryAugmentedLayer(SideNetLayer):
         mem_v = mem_v.view(B, Hq, T, K, D)
         valid = found.valid.repeat_interleave(memory.spec.chunk_size, dim=-1).view(B, Hq, T, K)
         m = memory_attention(q, mem_k, mem_v, valid)               # (B, Hq, T, D)
-        has_memory = (memory.num_chunks > 0).to(a.dtype).view(B, 1, 1, 1)  # rows with an empty bank stay local
+        has_memory = (memory.num_chunks > 0).to(a.device, a.dtype).view(B, 1, 1, 1)  # empty rows stay local
         g = torch.sigmoid(self.gate).to(a.dtype).view(1, Hq, 1, 1)
         return a + has_memory * g * (m - a), found
 

@@ -258,7 +258,8 @@ def test_model_over_a_stacked_memory_equals_the_single_memories(family):
                 assert_same_row(stacked, i, single, 0)
             assert not torch.allclose(out.logits[0], model(x[:1]).logits[0], atol=1e-3)  # the memory matters
     with pytest.raises(LongMemError, match=r"^the memory is on meta but the model on cpu; move it with "
-                                           r"memory\.to\(model\.device\)$"):
+                                           r"memory\.to\(model\.device\), or keep it in CPU memory with "
+                                           r"memory\.offload\(model\.device\)$"):
         model(x, memory=stacked.to("meta"))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, small_config, tiny_backbone
-from longmem import LongMemForCausalLM, MemoryBank
+from longmem import LongMemForCausalLM, MemoryBank, MemorySpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -57,3 +57,44 @@ def test_memorize_generate_and_saved_memory_on_gpu(family, tmp_path):
     loaded = MemoryBank.load(tmp_path / "m.safetensors", device="cuda")
     x = torch.randint(0, VOCAB, (2, 16)).cuda()
     torch.testing.assert_close(gpu(x, memory=loaded).logits, gpu(x, memory=mem_gpu).logits, rtol=0, atol=0)
+
+
+def test_offloaded_pinned_memory_matches_a_memory_on_the_gpu(family, tmp_path):
+    _, gpu = pair(family)
+    on_gpu, offloaded = gpu.new_memory(2), gpu.new_memory(2, offload=True)
+    assert offloaded.device.type == "cpu" and offloaded.compute_device == gpu.device
+    g = torch.Generator().manual_seed(2)
+    for step in range(6):  # eviction on the CPU side too
+        x = torch.randint(0, VOCAB, (2, 16), generator=g).cuda()
+        mask = torch.ones_like(x)
+        mask[step % 2, 11:] = 0
+        a = gpu(x, memory=on_gpu, attention_mask=mask)
+        b = gpu(x, memory=offloaded, attention_mask=mask)
+        torch.testing.assert_close(b.logits, a.logits, **TOL)
+        if b.retrieval is not None:
+            assert b.retrieval.slots.device.type == "cuda"
+    assert offloaded.keys.is_pinned() and offloaded.values.is_pinned()
+    for row in range(2):
+        torch.testing.assert_close(offloaded.tokens(row)[0], on_gpu.tokens(row)[0].cpu(), **TOL)
+    prompt = torch.randint(0, VOCAB, (2, 37), generator=g).cuda()
+    out_gpu = gpu.generate(prompt, memory=gpu.new_memory(2), max_new_tokens=8, temperature=0)
+    out_off = gpu.generate(prompt, memory=gpu.new_memory(2, offload=True), max_new_tokens=8, temperature=0)
+    assert torch.equal(out_off, out_gpu)
+    offloaded.save(tmp_path / "m.safetensors")
+    loaded = gpu.load_memory(tmp_path / "m.safetensors", offload=True)
+    assert loaded.keys.is_pinned() and loaded.compute_device == gpu.device
+    x = torch.randint(0, VOCAB, (2, 16)).cuda()
+    torch.testing.assert_close(gpu(x, memory=loaded).logits, gpu(x, memory=offloaded).logits, rtol=0, atol=0)
+
+
+def test_offloaded_int8_memory_moves_int8_and_dequantises_on_the_gpu():
+    spec = MemorySpec(num_kv_heads=2, head_dim=8, chunk_size=4, capacity=256, dtype="int8", fingerprint="t")
+    on_gpu = MemoryBank(spec, 2, device="cuda")
+    offloaded = MemoryBank(spec, 2, compute_device="cuda", pin_memory=True)
+    kv = torch.randn(2, 100, 2, 8).cuda()
+    on_gpu.write(kv, -kv)
+    offloaded.write(kv, -kv)
+    slots = torch.randint(0, 25, (2, 2, 5, 3)).cuda()
+    for x, y in zip(on_gpu.gather(slots), offloaded.gather(slots)):
+        assert y.device.type == "cuda"
+        torch.testing.assert_close(y, x, rtol=0, atol=0)

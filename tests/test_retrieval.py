@@ -155,3 +155,50 @@ def test_retriever_names():
                                            r"torch-ivf$"):
         make_retriever("annoy")
     assert bank(64, retriever="torch-ivf").retriever.name == "torch-ivf"
+
+
+# ---- faiss-hnsw: inner products searched as L2 distances --------------------------------------------------------
+def test_lift_turns_inner_products_into_l2_distances():
+    from longmem.memory.faiss_index import lift, norms
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(50, D, generator=g).numpy() * 3, torch.randn(7, D, generator=g).numpy()
+    R = float(norms(x).max())
+    xl, ql = lift(x, R), np.concatenate([q, np.zeros((7, 1), np.float32)], 1)
+    dist = ((ql[:, None] - xl[None]) ** 2).sum(-1)                                # (7, 50)
+    expected = (q ** 2).sum(-1)[:, None] + R ** 2 - 2 * q @ x.T
+    np.testing.assert_allclose(dist, expected, rtol=1e-4, atol=1e-3)
+    assert (np.argsort(dist, 1)[:, :5] == np.argsort(-(q @ x.T), 1)[:, :5]).all()
+
+
+def test_hnsw_rebuilds_when_a_key_outgrows_the_lift():
+    pytest.importorskip("faiss")
+    mem = bank(capacity=4 * 1024, retriever=small_index("faiss-hnsw"), rows=1)
+    write_tokens(mem, 4 * 300, seed=12)
+    q = torch.randn(1, H, 4, D, generator=torch.Generator().manual_seed(13))
+    long = (q[0, :, :1] * 100).expand(H, 4, D).transpose(0, 1)[None]  # (1, 4, H, D): one chunk, far longer
+    mem.write(long, long)
+    found, ref = mem.search(q, 4), brute(mem, q, 4)
+    assert found.slots[0, :, 0, 0].tolist() == [300] * H  # the long chunk (along query 0) is query 0's best
+    torch.testing.assert_close(found.scores, ref.values, rtol=1e-4, atol=1e-3)
+
+
+# ---- torch-ivf against its own definition ---------------------------------------------------------------------
+def test_torch_ivf_returns_the_top_k_over_each_querys_probed_lists():
+    """Brute force of the IVF's semantics: the float32 top-k over the chunks assigned to the query's `nprobe` lists
+    (lists of unequal sizes, a wrapped ring, fewer probes than lists)."""
+    r = small_index("torch-ivf")
+    r.nprobe = 5
+    mem = bank(capacity=4 * 600, retriever=r)
+    write_tokens(mem, 4 * 900, seed=14)  # wrapped: slots reassigned
+    q = clustered(40, seed=15).permute(1, 0, 2)[None].expand(2, -1, -1, -1).contiguous()  # (B, H, Q, D)
+    found = mem.search(q, 16)
+    for b in range(2):
+        row, n = mem.retriever.rows[b], int(mem.num_chunks[b])
+        probes = (q[b] @ row.centroids.transpose(1, 2)).topk(5, dim=-1).indices         # (H, Q, 5)
+        probed = (row.assign[:, None, :n, None] == probes[:, :, None, :]).any(-1)      # (H, Q, n)
+        s = (q[b] @ mem.search_keys(n)[b].float().transpose(1, 2)).masked_fill(~probed, float("-inf"))
+        ref = s.topk(16, dim=-1)
+        torch.testing.assert_close(found.scores[b], ref.values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(found.slots[b].sort(-1).values, ref.indices.sort(-1).values)
+    assert mem.retriever.rows[0].centroids.shape[1] > 5  # the probes do prune

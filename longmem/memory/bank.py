@@ -11,8 +11,13 @@ A row's *stream* is every token written into it since its last reset (padding ex
 row counts them (`written`), and its stored chunks are the complete chunks of the stream's
 newest `capacity` chunked tokens (`held_span`, the one statement of the eviction rule).
 
-Banks are values: `to`, `select`, `stack` and `split` return new banks, so single-sequence
+Banks are values: `to`, `offload`, `select`, `stack` and `split` return new banks, so single-sequence
 memories can be batched (`MemoryBank.stack([a, b])`) and unbatched (`bank.split()`).
+
+Placement: a bank's storage and index live on `device`. An *offloaded* bank (`compute_device=`, e.g.
+storage in CPU memory, pinned, for a model on a GPU) answers for another device: `search` moves the
+queries to the bank and its result back, `gather` moves only the retrieved chunks (from a pinned
+staging buffer, without blocking), and `write` takes keys/values from anywhere.
 
 The bank owns its retrieval index (`retriever`, longmem.memory.retrieval) and drives it: every
 chunk written, every row reset, and a rebuild whenever a bank is derived or loaded. With
@@ -60,7 +65,7 @@ def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
     """sha256 of `header` and the tensors' bytes, taken in name order (what `save` stores and `load` verifies)."""
     h = hashlib.sha256(header.encode())
     for name in sorted(tensors):
-        h.update(tensors[name].view(torch.uint8).numpy().tobytes())  # logical (C) order, contiguous or not
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy())  # logical (C) order; no copy if contiguous
     return h.hexdigest()
 
 
@@ -70,9 +75,18 @@ def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         return torch.cat(tensors, dim)
 
 
-def _pad_slots(t: torch.Tensor, slots: int) -> torch.Tensor:
-    """(B, Hkv, S, ...) -> (B, Hkv, slots, ...), zero-filled past S."""
-    return _cat([t, t.new_zeros(*t.shape[:2], slots - t.shape[2], *t.shape[3:])], dim=2)
+def _concrete(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:N" (the current device), as a model's and a tensor's device are named; others unchanged."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
+def _pad_slots(t: torch.Tensor, slots: int, pin_memory: bool = False) -> torch.Tensor:
+    """(B, Hkv, S, ...) -> a new (B, Hkv, slots, ...) tensor (pinned if asked), t's slots first, zero-filled past S."""
+    out = torch.zeros(*t.shape[:2], slots, *t.shape[3:], dtype=t.dtype, device=t.device, pin_memory=pin_memory)
+    out[:, :, :t.shape[2]] = t
+    return out
 
 
 @dataclass(frozen=True)
@@ -96,13 +110,23 @@ class MemorySpec:
 
 class MemoryBank:
     def __init__(self, spec: MemorySpec, batch_size: int, device: torch.device | str = "cpu",
-                 retriever: Retriever | str | None = None):
+                 retriever: Retriever | str | None = None, compute_device: torch.device | str | None = None,
+                 pin_memory: bool = False):
+        """`device`: where the storage and the index live. `compute_device` (offloading): the device of the model
+        that reads it, where `search` and `gather` return their results (None: `device`, no offloading).
+        `pin_memory`: keep the chunk storage in page-locked CPU memory (needs a CPU `device` and CUDA)."""
         if spec.capacity % spec.chunk_size:
             raise LongMemError(f"memory capacity {spec.capacity} must be a multiple of chunk_size {spec.chunk_size}")
         if spec.dtype not in MEMORY_DTYPES:
             raise LongMemError(f"memory dtype {spec.dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
+        device = torch.device(device)
+        if pin_memory and (device.type != "cpu" or not torch.cuda.is_available()):
+            raise LongMemError(f"pin_memory needs the memory in CPU memory and a CUDA device (memory on {device}, CUDA "
+                               f"{'available' if torch.cuda.is_available() else 'not available'}); drop pin_memory")
         self.spec = spec
         self.batch_size = batch_size
+        self.offload_to = None if compute_device is None else _concrete(compute_device)  # None: not offloaded
+        self.pin_memory = pin_memory
         self.retriever = make_retriever(retriever) if isinstance(retriever, str) else retriever or ExactRetriever()
         self.quantized = spec.dtype == "int8"
         self.dtype = getattr(torch, spec.dtype)                       # storage dtype
@@ -139,7 +163,13 @@ class MemoryBank:
     # ---- sizes --------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where the storage and the index live."""
         return self.keys.device
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where `search` and `gather` return their results: the reading model's device."""
+        return self.device if self.offload_to is None else self.offload_to
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -160,17 +190,19 @@ class MemoryBank:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.slotted)
 
     def __repr__(self) -> str:
+        place = "" if self.offload_to is None else \
+            f", offloaded to {self.device}{' (pinned)' if self.pin_memory else ''} for {self.offload_to}"
         return (f"MemoryBank(rows={self.batch_size}, tokens={self.sizes.tolist()}, capacity={self.spec.capacity}, "
-                f"chunk_size={self.spec.chunk_size}, dtype={self.spec.dtype}, retriever={self.retriever.name})")
+                f"chunk_size={self.spec.chunk_size}, dtype={self.spec.dtype}, retriever={self.retriever.name}{place})")
 
     # ---- write ----------------------------------------------------------------------
     def _grow(self, needed: int) -> None:
         S = self.keys.shape[2]
         if needed <= S:
             return
-        new = min(self.max_chunks, max(needed, 2 * S, 64))
+        new = min(self.max_chunks, max(needed, 2 * S, 64))  # doubling: each slot is copied O(1) times on average
         for name in self.slotted:
-            setattr(self, name, _pad_slots(getattr(self, name), new))
+            setattr(self, name, _pad_slots(getattr(self, name), new, self.pin_memory))
 
     def _store(self, b: int, slots: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, ids: torch.Tensor) -> None:
         """Write chunks ck, cv (Hkv, n, C, D) and their token ids (n, C) of row b into `slots` (n,)."""
@@ -201,10 +233,12 @@ class MemoryBank:
         if token_ids is None:
             token_ids = torch.full((B, T), NO_TOKEN, dtype=torch.int32, device=self.device)
         token_ids = token_ids.to(self.device, torch.int32)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device).bool()
         for b in range(B):
             k, v, t = keys[b], values[b], token_ids[b]  # (T, Hkv, D), (T,)
             if attention_mask is not None:
-                keep = attention_mask[b].to(self.device).bool()
+                keep = attention_mask[b]
                 k, v, t = k[keep], v[keep], t[keep]
             self.written[b] += k.shape[0]
             p = int(self.num_pending[b])
@@ -267,18 +301,31 @@ class MemoryBank:
         self._grow(self.slots_in_use)
 
     # ---- banks as values -----------------------------------------------------------------
-    def _derived(self, batch_size: int, state, device=None) -> "MemoryBank":
+    def _derived(self, batch_size: int, state, device=None, placement: tuple | None = None) -> "MemoryBank":
         """A new bank with this spec and a fresh index of this retriever, whose tensors (all of `state`) are
-        state(name, tensor); the index is rebuilt from them."""
-        bank = type(self)(self.spec, batch_size, device=device or self.device, retriever=self.retriever.fresh())
+        state(name, tensor); the index is rebuilt from them. placement: (compute_device, pin_memory), default
+        this bank's."""
+        offload_to, pin = (self.offload_to, self.pin_memory) if placement is None else placement
+        bank = type(self)(self.spec, batch_size, device=device or self.device, retriever=self.retriever.fresh(),
+                          compute_device=offload_to, pin_memory=pin)
         for name in self.state:
-            setattr(bank, name, state(name, getattr(self, name)))
+            t = state(name, getattr(self, name))
+            setattr(bank, name, t.pin_memory() if pin and name in self.slotted and not t.is_pinned() else t)
         bank.retriever.rebuild(bank)
         return bank
 
     def to(self, device: torch.device | str) -> "MemoryBank":
-        """A copy of this bank on `device` (same spec, retriever and contents)."""
-        return self._derived(self.batch_size, lambda name, t: t.to(device, copy=True), device)
+        """A copy of this bank on `device` (same spec, retriever and contents), read by a model on `device` (an
+        offloaded bank comes back in place)."""
+        return self._derived(self.batch_size, lambda name, t: t.to(device, copy=True), device, (None, False))
+
+    def offload(self, compute_device: torch.device | str, pin_memory: bool | None = None) -> "MemoryBank":
+        """A copy of this bank in CPU memory, read by a model on `compute_device`: searched on the CPU, only the
+        retrieved chunks move to `compute_device`. pin_memory (default: when `compute_device` is CUDA) keeps the
+        storage page-locked so those moves do not block."""
+        compute_device = _concrete(compute_device)
+        pin = compute_device.type == "cuda" if pin_memory is None else pin_memory
+        return self._derived(self.batch_size, lambda name, t: t.to("cpu", copy=True), "cpu", (compute_device, pin))
 
     def select(self, rows: Iterable[int] | torch.Tensor) -> "MemoryBank":
         """A new bank of the given rows (indices, repeats allowed, or a bool mask), in that order; copies."""
@@ -301,6 +348,9 @@ class MemoryBank:
             if (other.spec, other.device) != (first.spec, first.device):
                 raise LongMemError(f"cannot stack memories of different specs or devices ({other.spec} on "
                                    f"{other.device} vs {first.spec} on {first.device}); build them with one model")
+            if other.offload_to != first.offload_to:
+                raise LongMemError(f"cannot stack memories of different placements (offloaded for "
+                                   f"{other.offload_to} vs {first.offload_to}); offload them alike (memory.offload)")
         slots = max(b.keys.shape[2] for b in banks)
         sized = lambda name, t: _pad_slots(t, slots) if name in first.slotted else t
         return first._derived(sum(b.batch_size for b in banks),
@@ -308,8 +358,12 @@ class MemoryBank:
 
     # ---- read -----------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int) -> Retrieval:
-        """queries (B, Hkv, Q, D) -> the top-k chunk slots per query (k clipped to what is stored)."""
-        return self.retriever.search(self, queries, min(k, self.slots_in_use))
+        """queries (B, Hkv, Q, D) -> the top-k chunk slots per query (k clipped to what is stored). An offloaded
+        bank searches on its own device and returns the result on `compute_device`."""
+        if self.offload_to is None:
+            return self.retriever.search(self, queries, min(k, self.slots_in_use))
+        found = self.retriever.search(self, queries.to(self.device), min(k, self.slots_in_use))
+        return found.to(self.offload_to)
 
     def search_keys(self, slots: int | None = None) -> torch.Tensor:
         """(B, Hkv, S, D) chunk search keys of the first `slots` slots (default: all allocated), dequantised."""
@@ -326,19 +380,31 @@ class MemoryBank:
         return keys.float()
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D) (int8 memories: dequantised)."""
+        """slots (B, Hkv, Q, k) -> token keys and values (B, Hkv, Q, k*C, D) on `compute_device` (int8 memories:
+        dequantised there, so an offloaded int8 bank moves int8)."""
         B, H, Q, k = slots.shape
         S, C, D = self.keys.shape[2], self.spec.chunk_size, self.spec.head_dim
-        offsets = torch.arange(B * H, device=slots.device).view(B, H, 1, 1) * S
+        slots = slots.to(self.device)
+        offsets = torch.arange(B * H, device=self.device).view(B, H, 1, 1) * S
         flat = (slots + offsets).reshape(-1)                          # (B*Hkv*Q*k,) rows of the flat table
         out = []
         for data, scales in ((self.keys, "key_scales"), (self.values, "value_scales")):
-            x = data.view(B * H * S, C * D).index_select(0, flat)     # (B*Hkv*Q*k, C*D)
+            x = self._take(data.view(B * H * S, C * D), flat)         # (B*Hkv*Q*k, C*D)
             if self.quantized:
-                s = getattr(self, scales).view(B * H * S, C).index_select(0, flat)  # (B*Hkv*Q*k, C)
+                s = self._take(getattr(self, scales).view(B * H * S, C), flat)  # (B*Hkv*Q*k, C)
                 x = dequantize(x.view(-1, C, D), s)                    # (B*Hkv*Q*k, C, D)
             out.append(x.reshape(B, H, Q, k * C, D))
         return out[0], out[1]
+
+    def _take(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """table (N, E) on the bank's device, rows (n,) -> table[rows] (n, E) on `compute_device`. Offloaded: through
+        a staging buffer (page-locked when the bank is, which the host allocator keeps until the copy is done)
+        and a copy that does not block from pinned memory."""
+        if self.offload_to is None:
+            return table.index_select(0, rows)
+        staged = torch.empty(len(rows), table.shape[1], dtype=table.dtype, pin_memory=self.pin_memory)  # (n, E)
+        torch.index_select(table, 0, rows, out=staged)
+        return staged.to(self.offload_to, non_blocking=self.pin_memory)
 
     def tokens(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s stored keys and values in write order (oldest first): (Hkv, N, D) each."""
@@ -384,9 +450,11 @@ class MemoryBank:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", expect: MemorySpec | None = None,
-             retriever: Retriever | str | None = None) -> "MemoryBank":
+             retriever: Retriever | str | None = None, compute_device: torch.device | str | None = None,
+             pin_memory: bool = False) -> "MemoryBank":
         """Load a bank saved by `save`; `expect` (a model's `memory_spec()`) checks it belongs to that model.
-        The retriever's index is built from the loaded contents.
+        The retriever's index is built from the loaded contents. compute_device, pin_memory: as for the
+        constructor (offloading).
 
         The checksum of the tensor bytes is verified. Files of the previous formats load too: format 2 without
         token ids (shown as unknown), format 1 also without that check, and its chunk positions count from the
@@ -410,7 +478,7 @@ class MemoryBank:
                 raise LongMemError(f"memory file {path} fails its checksum: its bytes changed since it was saved; "
                                    f"re-create it with memorize")
             spec = MemorySpec(**json.loads(meta["spec"]))
-            bank = cls(spec, int(meta["batch_size"]), device, retriever)
+            bank = cls(spec, int(meta["batch_size"]), device, retriever, compute_device, pin_memory)
             if fmt == LEGACY_FORMAT:
                 tensors["written"] = tensors["num_chunks"] * spec.chunk_size + tensors["num_pending"]
             if fmt != FORMAT:

@@ -23,4 +23,4 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
     """int8 (..., D) and scales (...,) -> (..., D) in `dtype`."""
-    return (q.float() * scale.float()[..., None]).to(dtype)
+    return (q * scale.float()[..., None]).to(dtype)  # int8 * float32 computes in float32 without a float copy of q

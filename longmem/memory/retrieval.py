@@ -39,6 +39,10 @@ class Retrieval:
     valid: torch.Tensor   # (B, Hkv, Q, k) bool: False where the row holds fewer than k chunks
     scores: torch.Tensor  # (B, Hkv, Q, k) inner products (-inf where not valid)
 
+    def to(self, device: torch.device | str) -> "Retrieval":
+        """The same retrieval on `device`."""
+        return Retrieval(self.slots.to(device), self.valid.to(device), self.scores.to(device))
+
 
 class Retriever:
     """An index over one bank's chunk search keys, kept in step with the bank by the bank's calls.

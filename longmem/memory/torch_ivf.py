@@ -4,12 +4,15 @@ Per batch row and key/value head, L2 k-means centroids (`nlist` = sqrt(chunks), 
 partition the chunk slots into lists (each chunk in its nearest centroid's). Every written slot is
 (re)assigned to its nearest centroid when written, so an overwritten (evicted) chunk leaves its
 old list at once: the lists only ever hold the row's current chunks. A query scores the
-centroids by inner product, takes the `nprobe` best lists, and scores every chunk in them exactly. The lists are
-laid out as a padded (Hkv, nlist, M) slot table, rebuilt after writes on the next search. A row
-is retrained once it has grown 4x past the chunks it was trained on; rows holding fewer than
-`min_chunks` chunks are searched exactly.
+centroids by inner product, takes the `nprobe` best lists, and scores every chunk in them exactly: the
+result is the top-k over the union of its probed lists. The search goes list by list: the queries
+that probe a list are scored against its chunks in one matmul and keep their top k there, and
+each query's final top k is taken over its P lists' candidates (the top k of a union lie in the
+top k of its parts). Each list's slots (its members, grouped by a sort of the assignments) are
+regrouped after writes on the next search. A row is retrained once it has grown 4x past the chunks
+it was trained on; rows holding fewer than `min_chunks` chunks are searched exactly.
 
-Shapes: Hkv key/value heads, Q queries per head, L lists, M longest list, P probes, S slots, D dim.
+Shapes: Hkv key/value heads, Q queries per head, L lists, P probes, S slots, D dim.
 """
 
 from __future__ import annotations
@@ -49,19 +52,19 @@ class _Row:
         self.centroids = centroids  # (Hkv, L, D) float32
         self.assign = assign        # (Hkv, slots) list of each slot (slots past num_chunks unused)
         self.trained_on = trained_on
-        self.table: torch.Tensor | None = None  # (Hkv, L, M) slots of each list, -1 padded; None = stale
+        self.lists: tuple[torch.Tensor, list] | None = None  # members grouped by list (see `_lists`); None = stale
 
 
 class TorchIVFRetriever(Retriever):
     """Inverted-file search in torch: `nprobe` lists of sqrt(chunks) searched exactly per query."""
     name = "torch-ivf"
 
-    def __init__(self, nprobe: int = 32, min_chunks: int = 1024, max_elements: int = 1 << 25):
-        self.nprobe, self.min_chunks, self.max_elements = nprobe, min_chunks, max_elements
+    def __init__(self, nprobe: int = 32, min_chunks: int = 1024):
+        self.nprobe, self.min_chunks = nprobe, min_chunks
         self.rows: list[_Row | None] = []
 
     def fresh(self) -> "TorchIVFRetriever":
-        return TorchIVFRetriever(self.nprobe, self.min_chunks, self.max_elements)
+        return TorchIVFRetriever(self.nprobe, self.min_chunks)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _build(self, bank: "MemoryBank", row: int) -> _Row | None:
@@ -90,23 +93,19 @@ class TorchIVFRetriever(Retriever):
             return
         keys = bank.row_search_keys(row, slots)                                # (Hkv, n', D)
         r.assign[:, slots] = nearest(keys, r.centroids)                       # the new chunks' lists
-        r.table = None
+        r.lists = None
 
-    def _table(self, r: _Row, n: int) -> torch.Tensor:
-        """(Hkv, L, M) the slots of each list, -1 padded."""
-        if r.table is None:
-            H, L = r.centroids.shape[:2]
-            assign = r.assign[:, :n]                                     # (Hkv, n) live slots 0..n-1
-            order = assign.argsort(dim=-1, stable=True)                  # (Hkv, n) slots grouped by list
-            counts = torch.zeros(H, L, dtype=torch.long, device=assign.device).scatter_add_(
-                1, assign, torch.ones_like(assign))                      # (Hkv, L)
-            starts = counts.cumsum(-1) - counts                          # (Hkv, L) first index of each list
-            rank = torch.arange(n, device=assign.device) - starts.gather(1, assign.gather(1, order))  # place in list
-            table = torch.full((H, L, int(counts.max())), -1, dtype=torch.long, device=assign.device)
-            lists = assign.gather(1, order)                              # (Hkv, n) list of each sorted slot
-            table[torch.arange(H, device=assign.device)[:, None], lists, rank] = order
-            r.table = table
-        return r.table
+    def _lists(self, r: _Row, n: int) -> tuple[torch.Tensor, list]:
+        """The live slots 0..n-1 grouped by list: (Hkv, n) slots sorted by list, and per head the (L + 1) offsets
+        of each list's run in it (a Python list, read once per search)."""
+        if r.lists is None:
+            L = r.centroids.shape[1]
+            assign = r.assign[:, :n]                                       # (Hkv, n)
+            order = assign.argsort(dim=-1, stable=True)                    # (Hkv, n) slots grouped by list
+            counts = torch.stack([a.bincount(minlength=L) for a in assign])  # (Hkv, L)
+            offsets = torch.cat([counts.new_zeros(len(counts), 1), counts.cumsum(-1)], dim=1)  # (Hkv, L + 1)
+            r.lists = order, offsets.tolist()
+        return r.lists
 
     # ---- search --------------------------------------------------------------------------------
     def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
@@ -129,19 +128,37 @@ class TorchIVFRetriever(Retriever):
                 scores[b, ..., :top.values.shape[-1]] = top.values.float()
                 slots[b, ..., :top.indices.shape[-1]] = top.indices
                 continue
-            table = self._table(r, n)                                        # (Hkv, L, M)
-            L, M = table.shape[1:]
+            order, offsets = self._lists(r, n)
+            L = r.centroids.shape[1]
             P = min(self.nprobe, L)
             probes = (q.float() @ r.centroids.transpose(1, 2)).topk(P, dim=-1).indices  # (Hkv, Q, P)
-            qb = max(1, self.max_elements // (H * P * M * D))
-            hidx = torch.arange(H, device=dev)[:, None, None]
-            for s in range(0, Q, qb):
-                cand = table[hidx, probes[:, s:s + qb]].flatten(2)           # (Hkv, q, P*M) slots, -1 pad
-                ck = keys[hidx, cand.clamp_min(0)]                           # (Hkv, q, P*M, D)
-                sc = torch.einsum("hqd,hqcd->hqc", q[:, s:s + qb], ck).float()
-                sc.masked_fill_(cand < 0, float("-inf"))
-                kk = min(k, sc.shape[-1])
-                top = sc.topk(kk, dim=-1)
-                scores[b, :, s:s + qb, :kk] = top.values
-                slots[b, :, s:s + qb, :kk] = cand.gather(-1, top.indices).clamp_min(0)
+            kk = min(k, n)
+            for h in range(H):
+                top_s, top_i = _probed_topk(q[h], keys[h], probes[h], order[h], offsets[h], kk)  # (Q, kk) each
+                scores[b, h, :, :kk] = top_s
+                slots[b, h, :, :kk] = top_i
         return Retrieval(slots, torch.isfinite(scores), scores)
+
+
+def _probed_topk(q: torch.Tensor, keys: torch.Tensor, probes: torch.Tensor, order: torch.Tensor, offsets: list,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head: q (Q, D), keys (n, D), probes (Q, P) lists, order (n,) slots grouped by list with run `offsets`
+    (L + 1) -> float32 scores and slots (Q, k) of the top k over each query's probed lists (-inf / 0 past what
+    they hold)."""
+    Q, P = probes.shape
+    pairs = probes.flatten()                                    # (Q*P,) list of each (query, probe) pair
+    by_list = pairs.argsort(stable=True)                        # (Q*P,) pairs grouped by list
+    starts = torch.cat([pairs.new_zeros(1), pairs.bincount(minlength=len(offsets) - 1).cumsum(0)]).tolist()
+    cand_s = torch.full((Q * P, k), float("-inf"), device=q.device)       # each pair's best k in its list
+    cand_i = torch.zeros(Q * P, k, dtype=torch.long, device=q.device)
+    for l in range(len(offsets) - 1):
+        if starts[l] == starts[l + 1] or offsets[l] == offsets[l + 1]:
+            continue
+        sel = by_list[starts[l]:starts[l + 1]]                  # (m,) pairs probing list l
+        members = order[offsets[l]:offsets[l + 1]]              # (c,) its slots
+        s = (q[sel // P] @ keys[members].T).float()             # (m, c)
+        top = s.topk(min(k, s.shape[1]), dim=-1)
+        cand_s[sel, :top.values.shape[1]] = top.values
+        cand_i[sel, :top.values.shape[1]] = members[top.indices]
+    top = cand_s.view(Q, P * k).topk(k, dim=-1)                 # (Q, k) over the P lists' candidates
+    return top.values, cand_i.view(Q, P * k).gather(1, top.indices)
