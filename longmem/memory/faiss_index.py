@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from longmem.errors import LongMemError
-from longmem.memory.retrieval import Retrieval, Retriever
+from longmem.memory.retrieval import PerRowIndex, Retrieval
 
 if TYPE_CHECKING:
     from longmem.memory.bank import MemoryBank
@@ -80,7 +80,7 @@ def norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt((x.astype(np.float64) ** 2).sum(-1))
 
 
-class FaissRetriever(Retriever):
+class FaissRetriever(PerRowIndex):
     """faiss IVF-flat (`kind="ivf"`) or HNSW-flat (`kind="hnsw"`) inner-product search, per row and kv head.
 
     IVF: `nlist` = sqrt(chunks) lists (at least 16) trained by k-means on the row's keys, `nprobe` of them
@@ -92,7 +92,7 @@ class FaissRetriever(Retriever):
         self.faiss = import_faiss()
         self.kind, self.nprobe, self.M, self.ef_search, self.min_chunks = kind, nprobe, M, ef_search, min_chunks
         self.name = f"faiss-{kind}"
-        self.rows: list[_Row | None] = []
+        super().__init__()
 
     def fresh(self) -> "FaissRetriever":
         return FaissRetriever(self.kind, self.nprobe, self.M, self.ef_search, self.min_chunks)
@@ -123,25 +123,16 @@ class FaissRetriever(Retriever):
 
     def rebuild(self, bank: "MemoryBank") -> None:
         self.faiss.omp_set_num_threads(torch.get_num_threads())
-        self.rows = [self._build(bank, b) for b in range(bank.batch_size)]
+        super().rebuild(bank)
 
-    def reset(self, bank: "MemoryBank", rows: torch.Tensor | None) -> None:
-        for b in range(bank.batch_size) if rows is None else rows.tolist():
-            self.rows[b] = None
-
-    def added(self, bank: "MemoryBank", row: int, slots: torch.Tensor) -> None:
-        if len(self.rows) != bank.batch_size:  # a new bank's first write
-            self.rows = [None] * bank.batch_size
-        r, n = self.rows[row], int(bank.num_chunks[row])
-        if r is None or r.total + len(slots) > 2 * max(n, self.min_chunks) or \
-                (self.kind == "ivf" and n > 4 * r.trained_on):
-            self.rows[row] = self._build(bank, row)  # first index, too many evicted ids, or outgrown lists
-            return
+    def _extend(self, r: _Row, bank: "MemoryBank", row: int, slots: torch.Tensor) -> bool:
+        n = int(bank.num_chunks[row])
+        if r.total + len(slots) > 2 * max(n, self.min_chunks) or (self.kind == "ivf" and n > 4 * r.trained_on):
+            return False  # too many evicted ids, or outgrown lists
         first = r.total
         keys = bank.row_search_keys(row, slots).cpu().numpy()  # (Hkv, n', D)
         if r.radii is not None and bool((norms(keys).max(-1) > np.array(r.radii)).any()):
-            self.rows[row] = self._build(bank, row)  # a key outside the lifted sphere: lift again
-            return
+            return False  # a key outside the lifted sphere: lift again
         ids = np.arange(first, first + len(slots), dtype=np.int64)
         for h, (index, x) in enumerate(zip(r.indexes, keys)):
             x = np.ascontiguousarray(x)
@@ -150,12 +141,12 @@ class FaissRetriever(Retriever):
             else:
                 index.add(lift(x, r.radii[h]))
         r.append(slots.cpu().numpy())
+        return True
 
     # ---- search --------------------------------------------------------------------------------
     def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
         B, H, Q, D = queries.shape
-        if len(self.rows) != bank.batch_size:
-            self.rows = [None] * bank.batch_size
+        self._sized(bank)
         slots = torch.zeros(B, H, Q, k, dtype=torch.long)
         scores = torch.full((B, H, Q, k), float("-inf"))
         faiss = self.faiss

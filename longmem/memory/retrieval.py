@@ -70,6 +70,39 @@ class Retriever:
         raise NotImplementedError
 
 
+class PerRowIndex(Retriever):
+    """An index kept per batch row (the approximate backends): `rows[b]` is built from row b's stored chunks
+    (`_build`, None while the row is too small to index), extended as chunks are written (`_extend`) and rebuilt
+    when the subclass finds it stale (`_extend` returns False)."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def _build(self, bank: "MemoryBank", row: int):
+        raise NotImplementedError
+
+    def _extend(self, index, bank: "MemoryBank", row: int, slots: torch.Tensor) -> bool:
+        """Add the chunks at `slots` to row `row`'s index; False: rebuild it instead."""
+        raise NotImplementedError
+
+    def _sized(self, bank: "MemoryBank") -> None:
+        if len(self.rows) != bank.batch_size:  # a new bank's first write or search
+            self.rows = [None] * bank.batch_size
+
+    def rebuild(self, bank: "MemoryBank") -> None:
+        self.rows = [self._build(bank, b) for b in range(bank.batch_size)]
+
+    def reset(self, bank: "MemoryBank", rows: torch.Tensor | None) -> None:
+        for b in range(bank.batch_size) if rows is None else rows.tolist():
+            self.rows[b] = None
+
+    def added(self, bank: "MemoryBank", row: int, slots: torch.Tensor) -> None:
+        self._sized(bank)
+        index = self.rows[row]
+        if index is None or not self._extend(index, bank, row, slots):
+            self.rows[row] = self._build(bank, row)
+
+
 def topk_by_blocks(scores: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the last dim of scores (..., S) in two stages: the k blocks of `block` columns with the
     largest maxima hold the top k (each holds at least one score >= the k-th), then a top-k over those blocks.

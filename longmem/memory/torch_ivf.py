@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from longmem.memory.retrieval import Retrieval, Retriever
+from longmem.memory.retrieval import PerRowIndex, Retrieval
 
 if TYPE_CHECKING:
     from longmem.memory.bank import MemoryBank
@@ -55,13 +55,13 @@ class _Row:
         self.lists: tuple[torch.Tensor, list] | None = None  # members grouped by list (see `_lists`); None = stale
 
 
-class TorchIVFRetriever(Retriever):
+class TorchIVFRetriever(PerRowIndex):
     """Inverted-file search in torch: `nprobe` lists of sqrt(chunks) searched exactly per query."""
     name = "torch-ivf"
 
     def __init__(self, nprobe: int = 32, min_chunks: int = 1024):
         self.nprobe, self.min_chunks = nprobe, min_chunks
-        self.rows: list[_Row | None] = []
+        super().__init__()
 
     def fresh(self) -> "TorchIVFRetriever":
         return TorchIVFRetriever(self.nprobe, self.min_chunks)
@@ -77,23 +77,13 @@ class TorchIVFRetriever(Retriever):
         assign[:, :n] = nearest(keys, cent)
         return _Row(cent, assign, trained_on=n)
 
-    def rebuild(self, bank: "MemoryBank") -> None:
-        self.rows = [self._build(bank, b) for b in range(bank.batch_size)]
-
-    def reset(self, bank: "MemoryBank", rows: torch.Tensor | None) -> None:
-        for b in range(bank.batch_size) if rows is None else rows.tolist():
-            self.rows[b] = None
-
-    def added(self, bank: "MemoryBank", row: int, slots: torch.Tensor) -> None:
-        if len(self.rows) != bank.batch_size:  # a new bank's first write
-            self.rows = [None] * bank.batch_size
-        r, n = self.rows[row], int(bank.num_chunks[row])
-        if r is None or n > 4 * r.trained_on:
-            self.rows[row] = self._build(bank, row)
-            return
+    def _extend(self, r: _Row, bank: "MemoryBank", row: int, slots: torch.Tensor) -> bool:
+        if int(bank.num_chunks[row]) > 4 * r.trained_on:
+            return False  # outgrown lists
         keys = bank.row_search_keys(row, slots)                                # (Hkv, n', D)
         r.assign[:, slots] = nearest(keys, r.centroids)                       # the new chunks' lists
         r.lists = None
+        return True
 
     def _lists(self, r: _Row, n: int) -> tuple[torch.Tensor, list]:
         """The live slots 0..n-1 grouped by list: (Hkv, n) slots sorted by list, and per head the (L + 1) offsets
@@ -110,8 +100,7 @@ class TorchIVFRetriever(Retriever):
     # ---- search --------------------------------------------------------------------------------
     def search(self, bank: "MemoryBank", queries: torch.Tensor, k: int) -> Retrieval:
         B, H, Q, D = queries.shape
-        if len(self.rows) != bank.batch_size:
-            self.rows = [None] * bank.batch_size
+        self._sized(bank)
         dev = queries.device
         slots = torch.zeros(B, H, Q, k, dtype=torch.long, device=dev)
         scores = torch.full((B, H, Q, k), float("-inf"), device=dev)
