@@ -97,6 +97,9 @@ class SlidingWindowScorer(Scorer):
     `window - stride` tokens before it, so every prediction sees between `window - stride + 1`
     and `window` tokens (fewer only at the start of the document) and is made exactly once.
     Lanes whose history and piece have the same lengths run as one batch (no padding inside a call).
+    A call whose input is exactly the lane's whole segment (with the defaults, window = T and
+    stride = T/2, the second of every segment's two calls) is the backbone pass the other rows share:
+    its logits are taken from it (`Segment.backbone_logits`) instead of being computed again.
     """
     name = "backbone_window"
 
@@ -109,10 +112,11 @@ class SlidingWindowScorer(Scorer):
     def _keep(self, ids: torch.Tensor) -> torch.Tensor:  # (n,) -> (<= window - stride,)
         return ids[max(0, len(ids) - (self.window - self.stride)):]
 
-    def start(self, lane, prefix, show_progress=False):
+    def start(self, lane, prefix, show_progress=False, continued=False):
         self.history[lane] = self._keep(prefix.to(self.model.device))
 
-    def logits(self, x, mask):  # (B, T), (B, T) -> (B, T, V)
+    def logits(self, segment):
+        x, mask = segment.x, segment.mask  # (B, T) each
         B, T = x.shape
         out = None
         for s in range(0, T, self.stride):
@@ -123,7 +127,10 @@ class SlidingWindowScorer(Scorer):
                     groups.setdefault((len(self.history[b]), len(piece)), []).append(b)
             for (h, t), lanes in groups.items():
                 inputs = torch.stack([torch.cat([self.history[b], pieces[b]]) for b in lanes])  # (n, h + t)
-                logits = self.model.backbone(input_ids=inputs).logits[:, -t:]                   # (n, t, V)
+                if h == s and h + t == T:  # inputs == x[lanes]: the history is the segment's own first s tokens
+                    logits = segment.backbone_logits[lanes, s:s + t]                        # (n, t, V)
+                else:
+                    logits = self.model.backbone(input_ids=inputs).logits[:, -t:]           # (n, t, V)
                 if out is None:
                     out = logits.new_zeros(B, T, logits.shape[-1])
                 out[lanes, s:s + t] = logits
