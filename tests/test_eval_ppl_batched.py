@@ -18,7 +18,7 @@ from longmem.eval import lanes, ppl
 from longmem.eval.distance import BUCKETS, bucket_targets, distance_buckets, word_previous
 from longmem.eval.lanes import score_pieces, split_document
 from longmem.eval.ppl import PplOptions, SlidingWindowScorer, build_rows
-from longmem.eval.scoring import BackboneScorer, LocalScorer, MemoryScorer, score_document
+from longmem.eval.scoring import BackboneScorer, LocalScorer, MemoryScorer, score_document, target_logprobs
 
 TEXT_OF = {name: TEXT * n for name, n in DOCS}
 
@@ -243,3 +243,18 @@ def test_ppl_rejects_bad_batching_options(checkpoint, docs, tmp_path):
         with pytest.raises(LongMemError, match=flag):
             ppl.run(PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "x.json"), device="cpu", **opts))
 
+
+
+def test_target_logprobs_equal_logsumexp_bit_for_bit():
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(3, 40, 997) * 6).to(dtype)
+        logits[0, 3, 5] = float("-inf")                # a masked vocabulary entry
+        logits[1, 7] = float("-inf")                   # a position where every entry is masked (nan, as before)
+        targets = torch.randint(0, 997, (3, 40))
+        kept = logits.clone()
+        x = logits.float()
+        want = x.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(x, dim=-1)
+        got = target_logprobs(logits, targets)
+        assert got.dtype == torch.float32 and torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.isnan(got[1, 7]) and torch.equal(logits, kept)  # the logits are not modified
