@@ -129,8 +129,9 @@ class SlidingWindowScorer(Scorer):
                 inputs = torch.stack([torch.cat([self.history[b], pieces[b]]) for b in lanes])  # (n, h + t)
                 if h == s and h + t == T:  # inputs == x[lanes]: the history is the segment's own first s tokens
                     logits = segment.backbone_logits[lanes, s:s + t]                        # (n, t, V)
-                else:
-                    logits = self.model.backbone(input_ids=inputs).logits[:, -t:]           # (n, t, V)
+                else:  # the backbone's LM head on the last t positions only (the logits of the others unused)
+                    hidden = self.model.backbone.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+                    logits = self.model.adapter.lm_head(hidden[:, -t:])                     # (n, t, V)
                 if out is None:
                     out = logits.new_zeros(B, T, logits.shape[-1])
                 out[lanes, s:s + t] = logits
