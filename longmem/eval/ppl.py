@@ -13,9 +13,15 @@ first is scored exactly once (`scoring.score_document`). All rows score the same
 
 Documents are scored in pieces of whole segments, `--batch-size` pieces at a time as one batch
 (`lanes.score_pieces`: a lane that finishes takes the next piece; a piece's memory first reads
-what of the document before it the memory would hold). A piece's result is saved as soon as it
-is done, so an interrupted run resumes losing at most the pieces in flight, and its numbers equal
-scoring each document alone, in order.
+what of the document before it the memory would hold, unless the lane has just scored the piece
+before it). A piece's result is saved as soon as it is done, so an interrupted run resumes losing
+at most the pieces in flight, and its numbers equal scoring each document alone, in order.
+
+Every row but the sliding window's first call per segment reads the same frozen backbone pass:
+each segment runs the backbone once (`scoring.Segment`, `model.backbone_forward`), and the
+backbone row, LongMem without memory, every memory row and the window's whole-segment calls
+take what they need from it, with the numbers each would get on its own. Per segment of the
+default rows that is 2 backbone runs instead of 5.
 
 Perplexity is token-weighted, overall, per document-length bucket, and per distance bucket: how
 far back each scored token (or word) last occurred in its document (`distance`). The summary also
