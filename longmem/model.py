@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from longmem.backbone import adapter_for
+from longmem.backbone import BackboneOutput, adapter_for
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.loss import next_token_loss, shift_labels
@@ -40,6 +40,21 @@ class LongMemOutput(ModelOutput):
     """(B, T, V) next-token logits."""
     retrieval: Retrieval | None = None
     """What the memory-augmented layer retrieved (None when the memory was empty or absent)."""
+
+
+@dataclass
+class BackbonePass:
+    """The frozen backbone's run on one segment (`LongMemForCausalLM.backbone_forward`), which several forwards of
+    the same input reuse: with and without a memory, with memories of different sizes, and the backbone's own
+    logits (`backbone_logits`). Read-only: forward never modifies it."""
+    input_ids: torch.Tensor
+    """(B, T) the segment it was run on."""
+    output: BackboneOutput
+    """H[0..L] (L+1 tensors (B, T, d)) and the memory layer's keys and values (B, T, Hkv, D)."""
+    attention_mask: torch.Tensor | None
+    """(B, T) 0/1 as given, or None when the input has no padding (an all-ones mask is dropped)."""
+    position_ids: torch.Tensor
+    """(B, T) each token's position, counting real tokens only."""
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -153,17 +168,52 @@ class LongMemForCausalLM(nn.Module):
         out = self.adapter.run(input_ids, attention_mask, position_ids, self.config.memory_layer)
         return out, attention_mask, position_ids
 
+    def backbone_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BackbonePass:
+        """Run the frozen backbone (no grad) on one segment, input_ids (B, T) with T <= segment_length, attention_mask
+        (B, T) 0/1 or None. Pass the result to `forward(..., backbone_output=)` (any number of times, e.g. once per
+        memory) and to `backbone_logits`: each then skips the backbone, with the same numbers as without it."""
+        self._check_segment(input_ids)
+        return BackbonePass(input_ids, *self._backbone(input_ids, attention_mask))
+
+    def backbone_logits(self, backbone_output: BackbonePass) -> torch.Tensor:
+        """(B, T, V) the frozen backbone's own next-token logits: its LM head on the final-normed H[L] (the same
+        numbers as `model.backbone(input_ids).logits`; right padding never changes a real token's)."""
+        return self.adapter.lm_head(backbone_output.output.hidden_states[-1])
+
+    def _check_segment(self, input_ids: torch.Tensor) -> None:
+        if input_ids.shape[1] > self.config.segment_length:
+            raise LongMemError(f"a segment of {input_ids.shape[1]} tokens is longer than segment_length="
+                               f"{self.config.segment_length}; split the input (memorize does it for long inputs)")
+
+    def _check_reused(self, bb: BackbonePass, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raise unless `bb` is the backbone pass of this input (and of this mask, when one is given)."""
+        same = bb.input_ids.shape == input_ids.shape and torch.equal(bb.input_ids, input_ids.to(bb.input_ids.device))
+        if same and attention_mask is not None:
+            mask = None if bool(attention_mask.all()) else attention_mask
+            same = (mask is None) == (bb.attention_mask is None) and (
+                mask is None or torch.equal(mask.to(bb.attention_mask), bb.attention_mask))
+        if not same:
+            raise LongMemError("backbone_output was computed on other input_ids or another attention_mask; pass "
+                               "the output of model.backbone_forward on this same input")
+
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True) -> LongMemOutput:
-        """One segment: input_ids (B, T) with T <= segment_length; retrieve, then write into `memory`."""
+                update_memory: bool = True, backbone_output: BackbonePass | None = None) -> LongMemOutput:
+        """One segment: input_ids (B, T) with T <= segment_length; retrieve, then write into `memory`.
+
+        backbone_output: `backbone_forward(input_ids, attention_mask)` computed earlier, to skip the backbone here
+        (attention_mask may then be omitted; if given it must be the same). The logits, the retrieval and what is
+        written into `memory` are exactly those of a forward without it."""
         B, T = input_ids.shape
-        if T > self.config.segment_length:
-            raise LongMemError(f"a segment of {T} tokens is longer than segment_length={self.config.segment_length}; "
-                               f"split the input (memorize does it for long inputs)")
+        self._check_segment(input_ids)
         if memory is not None:
             self._check_memory(memory, B)
-        bb, attention_mask, position_ids = self._backbone(input_ids, attention_mask)
+        if backbone_output is None:
+            backbone_output = BackbonePass(input_ids, *self._backbone(input_ids, attention_mask))
+        else:
+            self._check_reused(backbone_output, input_ids, attention_mask)
+        bb, attention_mask = backbone_output.output, backbone_output.attention_mask
+        position_ids = backbone_output.position_ids
         ctx = SegmentContext(positions=self.adapter.positions(bb.hidden_states[0], position_ids),
                              attn_mask=None if attention_mask is None else causal_padding_mask(attention_mask),
                              memory=memory)

@@ -17,8 +17,8 @@ from longmem import LongMemForCausalLM
 from longmem.eval import lanes, ppl
 from longmem.eval.distance import BUCKETS, bucket_targets, distance_buckets, word_previous
 from longmem.eval.lanes import score_pieces, split_document
-from longmem.eval.ppl import PplOptions, build_rows
-from longmem.eval.scoring import score_document
+from longmem.eval.ppl import PplOptions, SlidingWindowScorer, build_rows
+from longmem.eval.scoring import BackboneScorer, LocalScorer, MemoryScorer, score_document, target_logprobs
 
 TEXT_OF = {name: TEXT * n for name, n in DOCS}
 
@@ -42,6 +42,91 @@ def test_pieces_side_by_side_equal_one_document_at_a_time(family):
             want = score_document(row.make(1), ids).logprobs  # (N-1,) the whole document, in order, alone
             mine = torch.cat([got[p.key][row.key] for p in pieces if p.key.startswith(key + "@")])
             torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- one backbone pass per segment for every row --------------------------------------------------------------
+class PlainBackbone(BackboneScorer):  # each row running its own model calls, as before the pass was shared
+    def logits(self, seg):
+        return self.model.backbone(input_ids=seg.x).logits  # the HuggingFace model, padding unmasked
+
+
+class PlainLocal(LocalScorer):
+    def logits(self, seg):
+        return self.model(seg.x).logits
+
+
+class PlainMemory(MemoryScorer):
+    def start(self, lane, prefix, show_progress=False, continued=False):
+        super().start(lane, prefix, show_progress)  # always reads the document before the piece again
+
+    def logits(self, seg):
+        return self.model(seg.x, memory=self.memory, attention_mask=seg.mask).logits
+
+
+class PlainWindow(SlidingWindowScorer):
+    def logits(self, seg):  # every call its own backbone run
+        x, mask = seg.x, seg.mask
+        B, T = x.shape
+        out = None
+        for s in range(0, T, self.stride):
+            pieces = [x[b, s:s + self.stride][mask[b, s:s + self.stride].bool()] for b in range(B)]
+            for b, piece in enumerate(pieces):
+                if len(piece):
+                    inputs = torch.cat([self.history[b], piece])[None]
+                    logits = self.model.backbone(input_ids=inputs).logits[0, -len(piece):]
+                    out = logits.new_zeros(B, T, logits.shape[-1]) if out is None else out
+                    out[b, s:s + len(piece)] = logits
+                    self.history[b] = self._keep(inputs[0])
+        return out
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_shared_backbone_pass_equals_each_row_on_its_own(family, lanes):
+    """score_pieces runs the backbone once per segment for every row, takes the sliding window's whole-segment
+    calls from that pass, and keeps a lane's memory when it continues its document: the numbers are bit for bit
+    those of every row making its own model calls, re-reading the document before each piece."""
+    torch.manual_seed(0)
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config(memory_size=24)).eval()
+    docs = {f"d{i}": torch.randint(0, VOCAB, (n,)) for i, n in enumerate([150, 7, 65, 100])}
+    pieces = [p for key, ids in docs.items() for p in split_document(key, ids, 32, 16)]
+    shared = [BackboneScorer(model, lanes), SlidingWindowScorer(model, 16, 8, lanes), LocalScorer(model, lanes),
+              MemoryScorer(model, 24, lanes), MemoryScorer(model, 64, lanes)]
+    plain = [PlainBackbone(model, lanes), PlainWindow(model, 16, 8, lanes), PlainLocal(model, lanes),
+             PlainMemory(model, 24, lanes), PlainMemory(model, 64, lanes)]
+    results = []
+    real = model.backbone_forward
+    for scorers in (shared, plain):
+        for i, sc in enumerate(scorers):
+            sc.name = str(i)
+        got, runs, passes, steps = {}, [], [], []
+        hook = model.backbone.base_model.register_forward_hook(lambda *a: runs.append(1))  # every backbone run
+        model.backbone_forward = lambda *a: passes.append(1) or real(*a)
+        score_pieces(scorers, pieces, lambda p, lp: got.update({(p.key, k): v for k, v in lp.items()}), steps.append)
+        hook.remove()
+        del model.backbone_forward
+        results.append((got, len(runs), len(passes), len(steps)))
+    (got, runs, passes, steps), (want, plain_runs, _, _) = results
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert passes == steps and runs < plain_runs  # one shared pass per batch step
+
+
+def test_a_lane_continuing_its_document_keeps_its_memory():
+    """With one lane, the pieces of a document come in order: the first reads nothing (nothing is before it),
+    the next ones continue the lane's memory; a piece after a gap reads the document before it."""
+    torch.manual_seed(0)
+    model = LongMemForCausalLM.from_backbone(tiny_backbone("llama"), small_config(memory_size=24)).eval()
+    ids = torch.randint(0, VOCAB, (100,))
+    pieces = split_document("d", ids, 32, 16)  # [0,32) [32,64) [64,96) [96,99)
+    reads, memorize = [], model.memorize
+    model.memorize = lambda x, memory, **kw: reads.append(x.shape[1]) or memorize(x, memory, **kw)
+    got = {}
+    score_pieces([MemoryScorer(model, 24)], pieces, lambda p, lp: got.update({p.key: lp["longmem_memory"]}))
+    assert reads == []
+    score_pieces([MemoryScorer(model, 24)], pieces[2:3] + pieces[:1] + pieces[1:2], lambda p, lp: None)
+    assert reads == [64]  # [64,96) after a gap reads [0,64); [0,32) has nothing before it; [32,64) continues it
+    model.memorize = memorize
+    want = score_document(MemoryScorer(model, 24), ids).logprobs  # the whole document in order
+    torch.testing.assert_close(torch.cat([got[p.key] for p in pieces]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_split_document_covers_every_target_once():
@@ -158,3 +243,18 @@ def test_ppl_rejects_bad_batching_options(checkpoint, docs, tmp_path):
         with pytest.raises(LongMemError, match=flag):
             ppl.run(PplOptions(model=checkpoint, data=docs, out=str(tmp_path / "x.json"), device="cpu", **opts))
 
+
+
+def test_target_logprobs_equal_logsumexp_bit_for_bit():
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(3, 40, 997) * 6).to(dtype)
+        logits[0, 3, 5] = float("-inf")                # a masked vocabulary entry
+        logits[1, 7] = float("-inf")                   # a position where every entry is masked (nan, as before)
+        targets = torch.randint(0, 997, (3, 40))
+        kept = logits.clone()
+        x = logits.float()
+        want = x.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(x, dim=-1)
+        got = target_logprobs(logits, targets)
+        assert got.dtype == torch.float32 and torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.isnan(got[1, 7]) and torch.equal(logits, kept)  # the logits are not modified

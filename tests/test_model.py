@@ -251,3 +251,66 @@ def test_training_mode_uses_attention_dropout_without_a_padding_mask():
         model.eval()
         c, d = model(x).logits, model(x).logits
     assert not torch.allclose(a, b) and torch.equal(c, d)
+
+
+# ---- one backbone pass, reused (model.backbone_forward) --------------------------------------------------------
+def padded_segments(n, T=16, seed=1):
+    """n segments of 3 rows: full, right-padded (9 real tokens), left-padded (5 pads); and their mask."""
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, :5] = 0
+    return [(x, mask) for x in segments(n, B=3, T=T, seed=seed)]
+
+
+def bank_state(memory):
+    return {name: getattr(memory, name).clone() for name in memory.state}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama: grouped-query attention (2 kv heads for 4)
+def test_reused_backbone_pass_equals_plain_forward(family):
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config(memory_size=24)).eval()
+    plain = {m: model.new_memory(3, memory_size=m) for m in (24, 64)}
+    shared = {m: model.new_memory(3, memory_size=m) for m in (24, 64)}
+    for x, mask in padded_segments(4):  # the 24-token memory evicts from the third segment on
+        bb = model.backbone_forward(x, mask)
+        want = model(x, attention_mask=mask).logits
+        assert torch.equal(model(x, backbone_output=bb).logits, want)  # no memory; mask taken from bb
+        assert torch.equal(model(x, attention_mask=mask, backbone_output=bb).logits, want)
+        for m in (24, 64):  # one pass, several memories
+            want = model(x, memory=plain[m], attention_mask=mask)
+            got = model(x, memory=shared[m], backbone_output=bb)
+            assert torch.equal(got.logits, want.logits)
+            assert (got.retrieval is None) == (want.retrieval is None)
+            if want.retrieval is not None:
+                assert torch.equal(got.retrieval.slots, want.retrieval.slots)
+            a, b = bank_state(shared[m]), bank_state(plain[m])
+            assert all(torch.equal(a[k], b[k]) for k in a), m
+    assert len(plain[24]) == 24 and len(plain[64]) > 24
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_backbone_logits_equal_the_backbones_own(family):
+    """The LM head on the pass's H[L] gives the HuggingFace model's logits bit for bit, and with right padding
+    (masked in the pass) its real tokens' logits are those of the unmasked padded input and of the unpadded one."""
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config()).eval()
+    (x, mask), = padded_segments(1)
+    assert torch.equal(model.backbone_logits(model.backbone_forward(x)), model.backbone(input_ids=x).logits)
+    got = model.backbone_logits(model.backbone_forward(x[:2], mask[:2]))  # rows: full, right-padded
+    hf = model.backbone(input_ids=x[:2]).logits                           # padding visible, masked only causally
+    assert torch.equal(got[0], hf[0]) and torch.equal(got[1, :9], hf[1, :9])
+    alone = model.backbone(input_ids=x[1:2, :9]).logits[0]                 # the real tokens alone
+    torch.testing.assert_close(got[1, :9], alone, rtol=1e-5, atol=1e-5)  # other shapes: float rounding only
+
+
+def test_backbone_output_of_another_input_is_an_error(model):
+    (x, mask), = padded_segments(1)
+    bb = model.backbone_forward(x, mask)
+    other = x.clone()
+    other[0, 0] = (other[0, 0] + 1) % VOCAB
+    for kw in (dict(input_ids=other), dict(input_ids=x[:2]), dict(input_ids=x, attention_mask=torch.ones_like(x))):
+        with pytest.raises(LongMemError, match="backbone_forward on this same input"):
+            model(backbone_output=bb, **kw)
+    assert torch.equal(model(x, attention_mask=mask.bool(), backbone_output=bb).logits,
+                       model(x, attention_mask=mask).logits)  # the same mask as bool: accepted
+    with pytest.raises(LongMemError, match="segment_length"):
+        model.backbone_forward(torch.zeros(1, 17, dtype=torch.long))

@@ -4,7 +4,10 @@ A piece is a run of whole segments of one document, [start, end) in its inputs (
 of the segment length). A lane takes the next piece from the queue as soon as its current one
 ends: every scorer is told (`Scorer.start`) what came before the piece in its document (the
 memory reads it, keeping only what it would hold; the sliding window keeps its last tokens), and
-each step scores one segment of every lane in one batch. Because a piece's scores depend only on
+each step scores one segment of every lane in one batch, running the frozen backbone once for all
+scorers (`scoring.Segment`). A lane that takes the next piece of the document it just scored tells
+the scorers so, and the memory keeps what it holds instead of reading the document again.
+Because a piece's scores depend only on
 its document, a long document can be split into pieces that run side by side, and the numbers
 equal scoring the whole document in order (`scoring.score_document`).
 
@@ -19,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from longmem.eval.scoring import Scorer, target_logprobs
+from longmem.eval.scoring import Scorer, Segment, target_logprobs
 
 
 @dataclass
@@ -53,14 +56,16 @@ def score_pieces(scorers: list[Scorer], pieces: list[Piece], done: Callable[[Pie
     model = scorers[0].model
     T, dev = model.config.segment_length, model.device
     queue, active, pos = deque(pieces), [None] * lanes, [0] * lanes
+    last: list[Piece | None] = [None] * lanes  # the piece each lane finished last
     scores: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(lanes)]
     while True:
         for b in range(lanes):
             if active[b] is None and queue:
                 p = active[b] = queue.popleft()
                 pos[b], scores[b] = p.start, {sc.name: [] for sc in scorers}
+                continued = last[b] is not None and last[b].ids is p.ids and last[b].end == p.start
                 for sc in scorers:
-                    sc.start(b, p.ids[:p.start])
+                    sc.start(b, p.ids[:p.start], continued=continued)
         if all(p is None for p in active):
             return
         x = torch.zeros(lanes, T, dtype=torch.long)       # (B, T) right-padded inputs
@@ -75,9 +80,10 @@ def score_pieces(scorers: list[Scorer], pieces: list[Piece], done: Callable[[Pie
             x[b, :len(inputs)], mask[b, :len(inputs)] = inputs, 1
             n[b] = len(targets)
             y[b, :n[b]] = targets
-        x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
+        segment = Segment(model, x.to(dev), mask.to(dev))
+        y = y.to(dev)
         for sc in scorers:
-            lp = target_logprobs(sc.logits(x, mask), y).cpu()  # (B, T)
+            lp = target_logprobs(sc.logits(segment), y).cpu()  # (B, T)
             for b in range(lanes):
                 if n[b]:
                     scores[b][sc.name].append(lp[b, :n[b]])
@@ -87,5 +93,5 @@ def score_pieces(scorers: list[Scorer], pieces: list[Piece], done: Callable[[Pie
             pos[b] += T
             if pos[b] >= p.end:
                 done(p, {name: torch.cat(parts) for name, parts in scores[b].items()})
-                active[b] = None
+                active[b], last[b] = None, p
         step(sum(n))

@@ -13,9 +13,15 @@ first is scored exactly once (`scoring.score_document`). All rows score the same
 
 Documents are scored in pieces of whole segments, `--batch-size` pieces at a time as one batch
 (`lanes.score_pieces`: a lane that finishes takes the next piece; a piece's memory first reads
-what of the document before it the memory would hold). A piece's result is saved as soon as it
-is done, so an interrupted run resumes losing at most the pieces in flight, and its numbers equal
-scoring each document alone, in order.
+what of the document before it the memory would hold, unless the lane has just scored the piece
+before it). A piece's result is saved as soon as it is done, so an interrupted run resumes losing
+at most the pieces in flight, and its numbers equal scoring each document alone, in order.
+
+Every row but the sliding window's first call per segment reads the same frozen backbone pass:
+each segment runs the backbone once (`scoring.Segment`, `model.backbone_forward`), and the
+backbone row, LongMem without memory, every memory row and the window's whole-segment calls
+take what they need from it, with the numbers each would get on its own. Per segment of the
+default rows that is 2 backbone runs instead of 5.
 
 Perplexity is token-weighted, overall, per document-length bucket, and per distance bucket: how
 far back each scored token (or word) last occurred in its document (`distance`). The summary also
@@ -97,6 +103,9 @@ class SlidingWindowScorer(Scorer):
     `window - stride` tokens before it, so every prediction sees between `window - stride + 1`
     and `window` tokens (fewer only at the start of the document) and is made exactly once.
     Lanes whose history and piece have the same lengths run as one batch (no padding inside a call).
+    A call whose input is exactly the lane's whole segment (with the defaults, window = T and
+    stride = T/2, the second of every segment's two calls) is the backbone pass the other rows share:
+    its logits are taken from it (`Segment.backbone_logits`) instead of being computed again.
     """
     name = "backbone_window"
 
@@ -109,10 +118,11 @@ class SlidingWindowScorer(Scorer):
     def _keep(self, ids: torch.Tensor) -> torch.Tensor:  # (n,) -> (<= window - stride,)
         return ids[max(0, len(ids) - (self.window - self.stride)):]
 
-    def start(self, lane, prefix, show_progress=False):
+    def start(self, lane, prefix, show_progress=False, continued=False):
         self.history[lane] = self._keep(prefix.to(self.model.device))
 
-    def logits(self, x, mask):  # (B, T), (B, T) -> (B, T, V)
+    def logits(self, segment):
+        x, mask = segment.x, segment.mask  # (B, T) each
         B, T = x.shape
         out = None
         for s in range(0, T, self.stride):
@@ -123,7 +133,11 @@ class SlidingWindowScorer(Scorer):
                     groups.setdefault((len(self.history[b]), len(piece)), []).append(b)
             for (h, t), lanes in groups.items():
                 inputs = torch.stack([torch.cat([self.history[b], pieces[b]]) for b in lanes])  # (n, h + t)
-                logits = self.model.backbone(input_ids=inputs).logits[:, -t:]                   # (n, t, V)
+                if h == s and h + t == T:  # inputs == x[lanes]: the history is the segment's own first s tokens
+                    logits = segment.backbone_logits[lanes, s:s + t]                        # (n, t, V)
+                else:  # the backbone's LM head on the last t positions only (the logits of the others unused)
+                    hidden = self.model.backbone.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+                    logits = self.model.adapter.lm_head(hidden[:, -t:])                     # (n, t, V)
                 if out is None:
                     out = logits.new_zeros(B, T, logits.shape[-1])
                 out[lanes, s:s + t] = logits
