@@ -64,8 +64,9 @@ class PplOptions(EvalOptions):
         "help": "score only each document's first N tokens, a quicker run (0: whole documents)"})
     split: str = field(default="dev", metadata={"help": "split of a prepared data folder to evaluate"})
     batch_size: int = field(default=0, metadata={
-        "help": "document pieces scored side by side in one batch; the numbers do not depend on it (0: 1 on a CPU, "
-                "where batching measured no faster per token, 8 on a GPU)"})
+        "help": "document pieces scored side by side in one batch (0: 1 on a CPU, where batching measured no "
+                "faster per token, 8 on a GPU); with float32 memories the numbers do not depend on it, with 16-bit "
+                "ones near-tied retrieval scores can round differently in a batch and pick other chunks"})
     piece_tokens: int = field(default=0, metadata={
         "help": "documents are scored and saved in pieces of this many tokens, rounded up to whole segments "
                 "(0: max(32768, 2 x the largest memory size)); a piece's memory first reads what it would hold"})
