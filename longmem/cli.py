@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from longmem.errors import LongMemError
-from longmem.config import RETRIEVERS
+from longmem.config import RETRIEVERS, parse_retriever
 from longmem.runtime import CANONICAL_DTYPES, autocast, load_model
 from longmem.server.config import ServerConfig
 
@@ -45,6 +45,14 @@ def number(what: str, ok, hint: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {hint}")
         return value
     return parse
+
+
+def retriever_spec(text: str) -> str:
+    try:
+        parse_retriever(text)
+    except LongMemError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def token_id(text: str) -> int:
@@ -477,8 +485,9 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="LongMem checkpoint folder, or 'default' (the shipped model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--retriever", choices=RETRIEVERS, default=None,
-                   help="memory search backend (default: the model's, normally exact; docs/retrieval.md)")
+    p.add_argument("--retriever", type=retriever_spec, default=None, metavar="NAME[:SETTING=N,...]",
+                   help=f"memory search backend: {', '.join(RETRIEVERS)}, optionally with settings, e.g. "
+                        f"faiss-ivf:nprobe=8 (default: the model's, normally exact; docs/retrieval.md)")
 
 
 class Parser(argparse.ArgumentParser):

@@ -18,8 +18,27 @@ MEMORY_DTYPES = CANONICAL_DTYPES + ("int8",)  # the table of float dtype names l
 """Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too);
 int8 is quantised with one scale per vector (longmem.memory.quant)."""
 
-RETRIEVERS = ("exact", "faiss-ivf", "faiss-hnsw", "torch-ivf")
-"""Retrieval backends by name (`longmem.memory.retrieval.make_retriever` builds them)."""
+RETRIEVERS = {"exact": ("max_scores", "block"), "faiss-ivf": ("nprobe", "min_chunks"),
+              "faiss-hnsw": ("M", "ef_search", "min_chunks"), "torch-ivf": ("nprobe", "min_chunks")}
+"""Retrieval backends by name, with the integer settings each takes (`longmem.memory.retrieval.make_retriever`
+builds them; docs/retrieval.md says what the settings do)."""
+
+
+def parse_retriever(spec: str) -> tuple[str, dict[str, int]]:
+    """'faiss-ivf' or 'faiss-ivf:nprobe=8,min_chunks=512' -> (backend name, settings); a bad spec is a LongMemError."""
+    name, _, rest = spec.partition(":")
+    if name not in RETRIEVERS:
+        raise LongMemError(f"retriever {spec!r}: {name!r} is not one of {', '.join(RETRIEVERS)}")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in RETRIEVERS[name] or not eq:
+            raise LongMemError(f"retriever {spec!r}: {item!r} is not a setting of {name} (it takes "
+                               f"{', '.join(k + '=N' for k in RETRIEVERS[name])})")
+        if not value.isdigit() or int(value) < 1:
+            raise LongMemError(f"retriever {spec!r}: {key} must be a whole number of at least 1, not {value!r}")
+        settings[key] = int(value)
+    return name, settings
 
 
 @dataclass
@@ -68,8 +87,7 @@ class LongMemConfig:
             raise LongMemError(f"segment_length={self.segment_length} must be at least 2")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise LongMemError(f"memory_dtype={self.memory_dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
-        if self.retriever not in RETRIEVERS:
-            raise LongMemError(f"retriever={self.retriever!r} is not one of {', '.join(RETRIEVERS)}")
+        parse_retriever(self.retriever)
         return cfg
 
     @property

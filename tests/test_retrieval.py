@@ -4,7 +4,7 @@ and the index lifecycle (writes, FIFO overwrites, resets, derived and loaded ban
 import pytest
 import torch
 
-from longmem import LongMemError, MemoryBank, MemorySpec
+from longmem import LongMemConfig, LongMemError, MemoryBank, MemorySpec
 from longmem.memory import ExactRetriever, make_retriever
 from longmem.memory.retrieval import topk_by_blocks
 
@@ -151,7 +151,7 @@ def test_index_follows_reset_select_stack_and_load(name, tmp_path):
 
 def test_retriever_names():
     assert isinstance(make_retriever("exact"), ExactRetriever)
-    with pytest.raises(LongMemError, match=r"^unknown retriever 'annoy'; choose one of exact, faiss-ivf, faiss-hnsw, "
+    with pytest.raises(LongMemError, match=r"^retriever 'annoy': 'annoy' is not one of exact, faiss-ivf, faiss-hnsw, "
                                            r"torch-ivf$"):
         make_retriever("annoy")
     assert bank(64, retriever="torch-ivf").retriever.name == "torch-ivf"
@@ -202,3 +202,22 @@ def test_torch_ivf_returns_the_top_k_over_each_querys_probed_lists():
         torch.testing.assert_close(found.scores[b], ref.values, rtol=1e-5, atol=1e-5)
         assert torch.equal(found.slots[b].sort(-1).values, ref.indices.sort(-1).values)
     assert mem.retriever.rows[0].centroids.shape[1] > 5  # the probes do prune
+
+
+def test_retriever_specs_carry_settings():
+    from longmem.config import parse_retriever
+    from longmem.memory import make_retriever
+
+    assert parse_retriever("exact") == ("exact", {})
+    assert parse_retriever("faiss-ivf:nprobe=8,min_chunks=512") == ("faiss-ivf", {"nprobe": 8, "min_chunks": 512})
+    r = make_retriever("faiss-hnsw:ef_search=256,M=16")
+    assert (r.kind, r.ef_search, r.M, r.nprobe) == ("hnsw", 256, 16, 32)  # the rest keep their defaults
+    assert make_retriever("torch-ivf:nprobe=4").nprobe == 4 and make_retriever("exact:block=64").block == 64
+    for spec, message in (("annoy", "'annoy' is not one of exact, faiss-ivf, faiss-hnsw, torch-ivf"),
+                          ("faiss-ivf:ef_search=3", "'ef_search=3' is not a setting of faiss-ivf"),
+                          ("faiss-ivf:nprobe", "'nprobe' is not a setting of faiss-ivf"),
+                          ("torch-ivf:nprobe=0", "nprobe must be a whole number of at least 1, not '0'")):
+        with pytest.raises(LongMemError, match=message):
+            parse_retriever(spec)
+    with pytest.raises(LongMemError, match="'x=1' is not a setting of exact"):
+        LongMemConfig(retriever="exact:x=1").resolve(4)

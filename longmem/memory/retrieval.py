@@ -8,8 +8,9 @@ bank's contents after `load`, `to`, `select` and `stack` (`rebuild`); the index 
 (mean of the chunk's token keys) has the largest inner product with it, per key/value head
 and per batch row. `ExactRetriever` is the reference every approximate backend is tested against.
 
-The backend is one setting, a name in `RETRIEVERS` (`LongMemConfig.retriever`, the `retriever=`
-argument of `new_memory`/`load_memory`, the CLI's `--retriever`), made by `make_retriever`.
+The backend is one setting, a name in `RETRIEVERS` with optional integer settings
+('faiss-ivf:nprobe=8'; `LongMemConfig.retriever`, the `retriever=` argument of
+`new_memory`/`load_memory`, the CLI's `--retriever`), made by `make_retriever`.
 
 Shapes: B rows, Hkv key/value heads, Q queries per head, S chunk slots in use, D head dim.
 """
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from longmem.config import RETRIEVERS
+from longmem.config import parse_retriever
 from longmem.errors import LongMemError
 
 if TYPE_CHECKING:
@@ -165,14 +166,14 @@ class ExactRetriever(Retriever):
         return Retrieval(torch.cat(out_slots, dim=2), torch.isfinite(scores), scores)
 
 
-def make_retriever(name: str) -> Retriever:
-    """A new index of the named backend with its default settings (faiss is imported only for faiss-*)."""
+def make_retriever(spec: str) -> Retriever:
+    """A new index of the named backend, with the settings the spec gives ('faiss-ivf:nprobe=8'; `parse_retriever`)
+    and the defaults for the rest (faiss is imported only for faiss-*)."""
+    name, settings = parse_retriever(spec)
     if name == "exact":
-        return ExactRetriever()
+        return ExactRetriever(**settings)
     if name == "torch-ivf":
         from longmem.memory.torch_ivf import TorchIVFRetriever
-        return TorchIVFRetriever()
-    if name in ("faiss-ivf", "faiss-hnsw"):
-        from longmem.memory.faiss_index import FaissRetriever
-        return FaissRetriever(name.split("-")[1])
-    raise LongMemError(f"unknown retriever {name!r}; choose one of {', '.join(RETRIEVERS)}")
+        return TorchIVFRetriever(**settings)
+    from longmem.memory.faiss_index import FaissRetriever
+    return FaissRetriever(name.split("-")[1], **settings)
