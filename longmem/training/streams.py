@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from longmem.errors import LongMemError
+from longmem.loss import IGNORE_INDEX
 from longmem.training.tokens import TokenizedCorpus
-
-IGNORE_INDEX = -100
 
 
 @dataclass
