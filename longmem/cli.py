@@ -390,7 +390,10 @@ EVAL_HELP = {
 COMMON_HELP = {"model": "LongMem checkpoint folder, or 'default'", "data": "file or folder of documents (icl: a "
                "label<TAB>text file or a named set)", "out": "result JSON file (default results/TASK.json)",
                "limit": "evaluate at most N examples (a quick run)", "seed": "random seed",
-               "device": "auto, cpu, cuda or cuda:N"}
+               "device": "auto, cpu, cuda or cuda:N",
+               "retriever": "memory search backend, optionally with settings (e.g. faiss-ivf:nprobe=8); '' is the "
+                            "model's"}
+FLAG_TYPES = {"retriever": lambda text: retriever_spec(text) if text else text}  # fields checked when parsed
 
 
 def add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
@@ -410,7 +413,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls) -> None:
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            p.add_argument(flag, type=tp, default=default, help=help_)
+            p.add_argument(flag, type=FLAG_TYPES.get(f.name, tp), default=default, help=help_)
 
 
 def cmd_eval(args) -> None:

@@ -112,6 +112,7 @@ CASES = [
     # threads, device, model, memory
     ("unknown retriever", "generate --model {ckpt} --prompt hi --retriever annoy",
      "--retriever: retriever 'annoy': 'annoy' is not one of exact, faiss-ivf", B),
+    ("unknown retriever (eval)", "eval ppl --retriever annoy", "--retriever: retriever 'annoy': 'annoy' is not one of", B),
     ("retriever setting of another backend", "memorize --model {ckpt} --input {txt} --out {tmp}/m.st --retriever "
      "faiss-ivf:ef_search=9", "'ef_search=9' is not a setting of faiss-ivf (it takes nprobe=N, min_chunks=N)", B),
     ("threads 0", "generate --model {ckpt} --prompt hi --threads 0", "--threads: '0' is not a number of threads", B),
