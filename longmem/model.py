@@ -23,7 +23,7 @@ from longmem.backbone import BackboneOutput, adapter_for
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.loss import next_token_loss, shift_labels
-from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever
+from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever, held_span
 from longmem.runtime import cast_unless_autocast
 from longmem.sidenet import SegmentContext, SideNet
 
@@ -244,7 +244,7 @@ class LongMemForCausalLM(nn.Module):
             else attention_mask.to(memory.device, torch.long)
         counts = F.pad(real, (0, K * seg - N)).view(B, K, seg).sum(-1)  # (B, K) real tokens per segment
         ends = memory.written[:, None] + counts.cumsum(1)  # (B, K) stream position after each segment
-        first_held = (ends[:, -1] // C * C - capacity).clamp(min=0)  # (B,) held_span's start once all is written
+        first_held, _ = held_span(ends[:, -1], capacity, C)  # (B,) what each row holds once all is written
         evicted = (counts == 0) | (ends <= first_held[:, None])  # (B, K) nothing of it survives in that row
         skip = int(evicted.all(0).long().cumprod(0).sum())  # leading segments evicted in every row
         if skip:

@@ -54,11 +54,12 @@ COUNTERS = ("num_chunks", "next_slot", "pending_keys", "pending_values", "pendin
 NO_TOKEN = -1  # token id stored where `write` was given none
 
 
-def held_span(written: int, capacity: int, chunk_size: int) -> tuple[int, int]:
+def held_span(written, capacity: int, chunk_size: int):
     """Stream positions [start, end) a row holds retrievable after `written` tokens: the complete chunks, and of
-    them the newest `capacity` tokens (the FIFO rule; the bank counts its chunks with it)."""
+    them the newest `capacity` tokens (the FIFO rule; the bank counts its chunks with it). `written` is an int, or
+    a tensor of rows' counts (then start and end are tensors too)."""
     end = written // chunk_size * chunk_size
-    return max(0, end - capacity), end
+    return (end - capacity).clamp(min=0) if torch.is_tensor(end) else max(0, end - capacity), end
 
 
 def checksum(tensors: dict[str, torch.Tensor], header: str) -> str:
@@ -296,8 +297,8 @@ class MemoryBank:
         self.next_slot.copy_((self.next_slot + total // C) % self.max_chunks)
         self.num_pending.copy_(total % C)
         self.written += counts
-        end = self.written // C * C
-        self.num_chunks.copy_((end - (end - self.spec.capacity).clamp(min=0)) // C)  # held_span, per row
+        start, end = held_span(self.written, self.spec.capacity, C)  # (B,) each
+        self.num_chunks.copy_((end - start) // C)
         self._grow(self.slots_in_use)
 
     # ---- banks as values -----------------------------------------------------------------
