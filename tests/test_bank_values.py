@@ -449,3 +449,15 @@ def test_passkey_key_visibility_reads_the_bank_rule():
             want = ("local" if local == 7 else "memory" if local + memory == 7
                     else "evicted" if local + memory == 0 else "partial")
             assert key_visibility(PasskeyPrompt([], "0", a, a + 7), prefix, 32, 4) == want, (prefix, a)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+def test_full_size_bounds_the_file_of_a_full_memory(tmp_path, dtype):
+    """MemoryBank.full_size is what the tensors of a saved full memory take (the server's upload limit)."""
+    spec = MemorySpec(num_kv_heads=2, head_dim=8, chunk_size=4, capacity=64, dtype=dtype)
+    bank = MemoryBank(spec, 1)
+    bank.write(torch.randn(1, 70, 2, 8), torch.randn(1, 70, 2, 8), token_ids=torch.arange(70)[None])  # full, wrapped
+    bank.save(tmp_path / "m.st")
+    size = (tmp_path / "m.st").stat().st_size
+    header = 8 + int.from_bytes((tmp_path / "m.st").read_bytes()[:8], "little")  # safetensors: length, then JSON
+    assert size - header == MemoryBank.full_size(spec)

@@ -186,6 +186,14 @@ class MemoryBank:
         `sizes` gives every row's."""
         return int(self.sizes.max())
 
+    @classmethod
+    def full_size(cls, spec: MemorySpec, batch_size: int = 1) -> int:
+        """Bytes of the tensors of a saved bank of `spec` whose rows are full (a file adds its JSON header)."""
+        one_slot = cls(dataclasses.replace(spec, capacity=spec.chunk_size), batch_size)
+        one_slot._grow(1)
+        counters = sum(getattr(one_slot, n).numel() * getattr(one_slot, n).element_size() for n in COUNTERS)
+        return one_slot.nbytes() * (spec.capacity // spec.chunk_size) + counters
+
     def nbytes(self) -> int:
         """Bytes of the chunk storage allocated (keys, values, chunk keys, token ids, int8 scales)."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.slotted)

@@ -44,11 +44,9 @@ SSE = "text/event-stream"
 
 def max_file_bytes(spec) -> int:
     """The size of a full one-row memory file of `spec`, plus room for its header."""
-    size = {"bfloat16": 2, "float16": 2, "float32": 4}[spec.dtype]
-    slots = spec.capacity // spec.chunk_size
-    per_slot = spec.num_kv_heads * spec.head_dim * (2 * spec.chunk_size + 1) * size  # keys, values, chunk key
-    pending = 2 * spec.chunk_size * spec.num_kv_heads * spec.head_dim * size
-    return slots * per_slot + pending + (1 << 16)
+    from longmem.memory import MemoryBank
+
+    return MemoryBank.full_size(spec) + (1 << 16)
 
 
 def create_app(config: ServerConfig, model=None, tokenizer=None) -> FastAPI:
