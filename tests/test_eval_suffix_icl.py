@@ -297,3 +297,30 @@ def test_suffix_run_resumes_and_is_deterministic(checkpoint, tmp_path, monkeypat
     assert all(t[k] == data["examples"][k] for k in t)  # the same examples score identically in a fresh run
     with pytest.raises(Exception, match="different run"):
         suffix.run(SuffixOptions(**{**vars(opts), "seed": 1}))
+
+
+def test_suffix_intervals_match_hand_computed_values():
+    lo, hi = suffix.wilson(5, 20)  # textbook Wilson interval of 5/20: (0.1119, 0.4687)
+    assert (round(lo, 2), round(hi, 2)) == (11.19, 46.87)
+    assert suffix.wilson(0, 0) == (0.0, 100.0)
+    # differences 1, 1, 0, 0: mean 0.5, sample variance 1/3, half-width 1.96 * sqrt(1/12)
+    g = suffix.paired_difference([True, True, True, False], [False, False, True, False])
+    assert g["points"] == 50.0 and (g["only_a"], g["only_b"]) == (2, 0)
+    assert g["high"] - 50.0 == pytest.approx(100 * 1.96 * (1 / 12) ** 0.5) and g["low"] == pytest.approx(100 - g["high"])
+    g = suffix.paired_difference([True, False], [False, True])
+    assert (g["points"], g["only_a"], g["only_b"]) == (0.0, 1, 1)
+
+
+def test_suffix_summary_reports_the_paired_gain():
+    def detail(gold, mem_best, plain_best):
+        m = [0.0] * 3
+        p = [0.0] * 3
+        m[mem_best], p[plain_best] = 1.0, 1.0
+        return {"book": "b", "gold": gold, "memory_tokens": 10, "local_tokens": 5,
+                "memory": {"sum": m, "mean": m}, "no_memory": {"sum": p, "mean": p}}
+    details = [detail(0, 0, 1), detail(0, 0, 0), detail(1, 1, 2), detail(2, 0, 2)]
+    summary, table = suffix.summarize(details, negatives=2)
+    assert summary["accuracy"]["memory"]["mean"] == 75.0 and summary["accuracy"]["no_memory"]["mean"] == 50.0
+    gain = summary["memory_minus_no_memory"]["mean"]
+    assert (gain["points"], gain["only_a"], gain["only_b"]) == (25.0, 2, 1)
+    assert "+25.0" in table and "(2 vs 1)" in table

@@ -160,16 +160,16 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(workspace, monkeypat
 
     from longmem.training import checkpoints
 
-    real_save = checkpoints.torch.save
+    real_state = checkpoints.trainer_state
     calls = {"n": 0}
 
-    def disk_full_on_second_save(obj, path, *a, **kw):
+    def disk_full_on_second_save(*a, **kw):  # the second checkpoint fails after its weights file is written
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **kw)
+        return real_state(*a, **kw)
 
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full_on_second_save)
+    monkeypatch.setattr(checkpoints, "trainer_state", disk_full_on_second_save)
     with pytest.raises(LongMemError, match=r"step-000002: no space left on the device; free disk space"):
         train(config(workspace, "full-disk", steps=4, save_interval=1, eval_interval=100))
     run = workspace / "full-disk"
@@ -178,3 +178,33 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(workspace, monkeypat
     monkeypatch.undo()
     train(config(workspace, "full-disk", steps=4, save_interval=1, eval_interval=100, resume=True))
     assert (run / "latest").read_text().strip() == "step-000004"
+
+
+def test_init_from_starts_from_a_checkpoints_sidenet(workspace):
+    from safetensors.torch import load_file
+
+    from longmem.training.optim import OptimizerConfig
+
+    train(config(workspace, "base", steps=4, eval_interval=100))
+    base = load_file(str(workspace / "base" / "final" / "sidenet.safetensors"))
+    frozen = OptimizerConfig(lr=0.0, weight_decay=0.0, warmup_steps=0)  # a step that cannot move the weights
+    train(config(workspace, "warm", steps=1, eval_interval=100, init_from=str(workspace / "base" / "final"),
+                 optim=frozen, seed=5))
+    warm = load_file(str(workspace / "warm" / "final" / "sidenet.safetensors"))
+    assert base.keys() == warm.keys() and all(torch.equal(base[k], warm[k]) for k in base)
+    train(config(workspace, "cold", steps=1, eval_interval=100, optim=frozen, seed=5))
+    cold = load_file(str(workspace / "cold" / "final" / "sidenet.safetensors"))
+    assert not all(torch.equal(base[k], cold[k]) for k in base)  # without init_from: a new SideNet
+
+    deeper = LongMemConfig(memory_size=64, chunk_size=2, topk_tokens=8, segment_length=16, memory_dtype="float32",
+                           sidenet_layers=1, sidenet_memory_layer=0)
+    with pytest.raises(LongMemError, match="init_from=.* has sidenet_layers=2, this run 1"):
+        train(config(workspace, "mismatch", longmem=deeper, init_from=str(workspace / "base" / "final")))
+    other = workspace / "other-backbone"
+    save_tiny_llama(other)
+    foreign = LlamaForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        foreign.model.norm.weight.mul_(2.0)  # other weights: another backbone's fingerprint
+    foreign.save_pretrained(other)
+    with pytest.raises(LongMemError, match="different backbone"):
+        train(config(workspace, "foreign", backbone=str(other), init_from=str(workspace / "base" / "final")))

@@ -228,7 +228,8 @@ def test_checkpoint_roundtrip_and_failed_save(tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)  # fails after the weights file is written
+    import longmem.training.checkpoints as checkpoints
+    monkeypatch.setattr(checkpoints, "trainer_state", crash)  # fails after the weights file is written
     with pytest.raises(LongMemError, match="cannot write checkpoint .*step-000002: disk full"):
         save_checkpoint(tmp_path, TrainState(2, {"pos": 2}, {}), model, opt, sched)
     monkeypatch.undo()
@@ -243,6 +244,24 @@ def test_checkpoint_roundtrip_and_failed_save(tmp_path, monkeypatch):
     assert torch.equal(torch.rand(3), rng_after_save)  # RNG restored to its state at the save
 
 
+def test_checkpoint_of_the_older_format_still_resumes(tmp_path):
+    """A checkpoint written before trainer state moved to safetensors + JSON (torch.save'd trainer.pt)."""
+    model, opt, sched = tiny_training()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    path = save_checkpoint(tmp_path, TrainState(1), model, opt, sched)
+    (path / "trainer.json").unlink()
+    (path / "trainer.safetensors").unlink()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": []}, path / "trainer.pt")
+    model2, opt2, sched2 = tiny_training(seed=1)
+    load_latest(tmp_path, model2, opt2, sched2)
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i][n], b[i][n]) for i in a for n in a[i])
+    assert sched2.last_epoch == sched.last_epoch
+
+
 def test_checkpoint_errors_are_one_line(tmp_path):
     model, opt, sched = tiny_training()
     path = save_checkpoint(tmp_path, TrainState(1), model, opt, sched)
@@ -250,8 +269,16 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     other_opt = build_optimizer(other.named_parameters(), OptimizerConfig())
     with pytest.raises(LongMemError, match="does not match the model"):
         load_latest(tmp_path, other, other_opt, build_scheduler(other_opt, 1, 2))
-    (path / "trainer.pt").write_bytes(b"garbage")
+    assert sorted(f.name for f in path.iterdir()) == ["state.json", "trainer.json", "trainer.safetensors",
+                                                      "weights.safetensors"]  # nothing pickled
+    good = (path / "trainer.safetensors").read_bytes()
+    (path / "trainer.safetensors").write_bytes(good[:len(good) // 2])
     with pytest.raises(LongMemError, match="unreadable") as e:
+        load_latest(tmp_path, model, opt, sched)
+    assert "\n" not in str(e.value)
+    (path / "trainer.safetensors").write_bytes(good)
+    (path / "trainer.json").write_text("{")
+    with pytest.raises(LongMemError, match="trainer state") as e:
         load_latest(tmp_path, model, opt, sched)
     assert "\n" not in str(e.value)
     (tmp_path / "latest").write_text("step-000009\n")

@@ -31,6 +31,7 @@ boundary (its prefix is front matter only), nor is one without `negatives` eligi
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -161,18 +162,54 @@ def argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
 
+def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval (percent) of an accuracy of right/n."""
+    if n == 0:
+        return 0.0, 100.0
+    p = right / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100.0 * (centre - half) / (1 + z * z / n), 100.0 * (centre + half) / (1 + z * z / n)
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> dict:
+    """Accuracy of a minus accuracy of b on the same examples (percent points), with its 95% interval (normal
+    approximation of the mean of the per-example differences in {-1, 0, 1}) and the discordant counts."""
+    n = len(a)
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    mean = sum(d) / max(n, 1)
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n) if n else 0.0
+    return {"points": 100.0 * mean, "low": 100.0 * (mean - half), "high": 100.0 * (mean + half),
+            "only_a": sum(x > 0 for x in d), "only_b": sum(x < 0 for x in d)}
+
+
 def summarize(details: list[dict], negatives: int) -> tuple[dict, str]:
     n = len(details)
-    acc = {cond: {how: 100.0 * sum(argmax(d[cond][how]) == d["gold"] for d in details) / max(n, 1)
-                  for how in ("mean", "sum")} for cond in ("memory", "no_memory")}
+    right = {cond: {how: [argmax(d[cond][how]) == d["gold"] for d in details] for how in ("mean", "sum")}
+             for cond in ("memory", "no_memory")}
+    acc = {cond: {how: 100.0 * sum(r) / max(n, 1) for how, r in hows.items()} for cond, hows in right.items()}
+    interval = {cond: {how: wilson(sum(r), n) for how, r in hows.items()} for cond, hows in right.items()}
+    gain = {how: paired_difference(right["memory"][how], right["no_memory"][how]) for how in ("mean", "sum")}
     chance = 100.0 / (negatives + 1)
     summary = {"examples": n, "books": sorted({d["book"] for d in details}), "chance": chance,
                "accuracy": acc,  # percent; "mean": length-normalised, "sum": raw log-likelihood
+               "interval95": interval,  # Wilson 95% interval of each accuracy
+               "memory_minus_no_memory": gain,  # paired, percent points, with its 95% interval
                "mean_memory_tokens": sum(d["memory_tokens"] for d in details) / max(n, 1),
                "mean_local_tokens": sum(d["local_tokens"] for d in details) / max(n, 1)}
-    rows = [["length-normalised (mean log-prob)", acc["memory"]["mean"], acc["no_memory"]["mean"], chance],
-            ["raw (sum of log-probs)", acc["memory"]["sum"], acc["no_memory"]["sum"], chance]]
-    table = markdown_table([f"suffix accuracy % ({n} boundaries)", "with memory", "without memory", "chance"], rows)
+
+    def cell(cond, how):
+        lo, hi = interval[cond][how]
+        return f"{acc[cond][how]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+    def diff(how):
+        g = gain[how]
+        return f"{g['points']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}] ({g['only_a']} vs {g['only_b']})"
+
+    rows = [[label, cell("memory", how), cell("no_memory", how), diff(how), f"{chance:.2f}"]
+            for label, how in (("length-normalised (mean log-prob)", "mean"), ("raw (sum of log-probs)", "sum"))]
+    table = markdown_table([f"suffix accuracy % ({n} boundaries), 95% interval", "with memory", "without memory",
+                            "with - without, points (boundaries only one gets right)", "chance"], rows)
     return summary, table
 
 

@@ -6,13 +6,15 @@ A run folder holds:
       latest                  # "step-000200": the newest complete checkpoint
       step-000200/
         weights.safetensors   # trainable parameters (fp32, as trained)
-        trainer.pt            # optimizer + scheduler state + torch RNG (torch.save of tensors
-                              # and plain containers, loaded with weights_only=True)
+        trainer.safetensors   # optimizer state tensors + torch (and CUDA) RNG states
+        trainer.json          # optimizer param groups, scheduler state, which tensor is which
         state.json            # step, data-sampler state, run config, numpy + python RNG
       metrics.csv             # (longmem.training.metrics)
 
 A checkpoint is written into a hidden temporary folder and renamed into place, then
 `latest` is replaced atomically: a crash mid-save leaves the previous checkpoint intact.
+Nothing is pickled; checkpoints of older versions (a `trainer.pt` instead of the two trainer
+files) are still read, with torch's weights-only loader.
 """
 
 from __future__ import annotations
@@ -52,6 +54,37 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainer_state(optimizer: torch.optim.Optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer, scheduler and RNG states as safetensors tensors plus JSON: every tensor of the optimizer's
+    per-parameter state is stored under "optimizer/<param id>/<name>", the rest of it in JSON."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    state: dict[str, dict] = {}
+    for pid, entries in opt["state"].items():
+        state[str(pid)] = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{pid}/{name}"] = value.detach().cpu().contiguous()
+                state[str(pid)][name] = {"tensor": f"optimizer/{pid}/{name}"}
+            else:
+                state[str(pid)][name] = {"value": value}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for i, t in enumerate(cuda):
+        tensors[f"rng/cuda/{i}"] = t
+    plain = {"optimizer": {"state": state, "param_groups": opt["param_groups"]},
+             "scheduler": scheduler.state_dict(), "cuda_rng": len(cuda)}
+    return tensors, plain
+
+
+def read_trainer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    """The inverse of `trainer_state`: {"optimizer", "scheduler", "torch_rng", "cuda_rng"} ready to load."""
+    state = {int(pid): {name: tensors[v["tensor"]] if "tensor" in v else v["value"] for name, v in entries.items()}
+             for pid, entries in plain["optimizer"]["state"].items()}
+    return {"optimizer": {"state": state, "param_groups": plain["optimizer"]["param_groups"]},
+            "scheduler": plain["scheduler"], "torch_rng": tensors["rng/torch"],
+            "cuda_rng": [tensors[f"rng/cuda/{i}"] for i in range(plain["cuda_rng"])]}
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, keep: int = 2,
                     extra: Callable[[Path], None] | None = None) -> Path:
@@ -71,10 +104,9 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, model: torch.
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()},
                   str(tmp / "weights.safetensors"), metadata={"step": str(state.step)})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "trainer.pt")
+        tensors, plain = trainer_state(optimizer, scheduler)
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(plain))
         np_rng = np.random.get_state()
         (tmp / "state.json").write_text(json.dumps({
             **dataclasses.asdict(state),
@@ -111,8 +143,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     meta = read_json(path / "state.json", "checkpoint state")
     try:
         weights = load_file(str(path / "weights.safetensors"))
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        if (path / "trainer.pt").is_file() and not (path / "trainer.json").is_file():  # written by an older version
+            trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        else:
+            trainer = read_trainer_state(load_file(str(path / "trainer.safetensors")),
+                                         read_json(path / "trainer.json", "checkpoint trainer state"))
+    except (OSError, SafetensorError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise LongMemError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); {fix}") from e
     params = _trainable(model)
     if set(weights) != set(params):

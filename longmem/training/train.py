@@ -82,6 +82,9 @@ class TrainConfig:
     """CPU threads per process (0 = keep the process's setting: `longmem` applies longmem.runtime's default policy)."""
     resume: bool = False
     """Continue the newest checkpoint in out_dir."""
+    init_from: str = ""
+    """Warm start: a LongMem checkpoint (for this backbone, with the same SideNet shape) whose SideNet weights
+    this run starts from, with a fresh optimizer, schedule and data order. Empty = a new SideNet."""
 
 
 RESUMABLE_CHANGES = {"data_dir", "dev_dir", "token_cache_dir", "out_dir", "steps", "eval_interval", "eval_segments",
@@ -118,7 +121,31 @@ def build_model(cfg: TrainConfig, device: torch.device):
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise LongMemError(f"cannot load the backbone from {cfg.backbone} ({' '.join(str(e).split())}); it is "
                            f"missing, corrupt or truncated: restore it or point backbone to another folder") from e
-    return LongMemForCausalLM.from_backbone(backbone, cfg.longmem).to(device)
+    model = LongMemForCausalLM.from_backbone(backbone, cfg.longmem)
+    if cfg.init_from:
+        warm_start(model, cfg.init_from)
+    return model.to(device)
+
+
+STRUCTURE = ("memory_layer", "sidenet_layers", "sidenet_memory_layer")
+"""LongMemConfig fields that decide what the SideNet's weights mean; a warm start must keep them."""
+
+
+def warm_start(model, path: str) -> None:
+    """Copy the SideNet weights of checkpoint `path` into `model` (built for the same backbone)."""
+    from longmem.model import LongMemForCausalLM
+
+    source = LongMemForCausalLM.from_pretrained(path, backbone=model.backbone)  # checks the backbone's fingerprint
+    for name in STRUCTURE:
+        mine, theirs = getattr(model.config, name), getattr(source.config, name)
+        if mine != theirs:
+            raise LongMemError(f"init_from={path} has {name}={theirs}, this run {mine}; set longmem.{name}={theirs} "
+                               f"or start without init_from")
+    try:
+        model.sidenet.load_state_dict(source.sidenet.state_dict())
+    except RuntimeError as e:
+        raise LongMemError(f"init_from={path}: its SideNet does not fit this run's ({' '.join(str(e).split())[:200]}); "
+                           f"use the longmem settings it was trained with") from e
 
 
 @torch.no_grad()
