@@ -53,6 +53,37 @@ class Recorder(Retriever):
         return self.inner.search(bank, queries, k)
 
 
+def exact_parts(mem, model, T: int, dev) -> dict:
+    """The exact path's four steps at one memory size, each alone, as closures: the score matmul and the top-k
+    (on the query blocks `ExactRetriever` uses, all of them), the gather of the retrieved tokens, and the memory
+    attention over them. Shapes as in `MemoryAugmentedLayer.mix`: queries (1, Hkv, T, D), K retrieved tokens."""
+    from longmem.memory.retrieval import ExactRetriever
+    from longmem.sidenet import memory_attention
+
+    H, D, k = model.adapter.num_kv_heads, model.adapter.head_dim, model.config.topk_tokens // model.config.chunk_size
+    S = mem.slots_in_use
+    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    q = torch.randn(1, H, T, D, device=dev, dtype=dtype)
+    keys = mem.search_keys(S).to(dtype).transpose(-1, -2)                     # (1, Hkv, D, S)
+    qblock = max(1, ExactRetriever().max_scores // (H * S))
+    starts = range(0, T, qblock)
+    scores = q[:, :, :qblock] @ keys                                           # (1, Hkv, qblock, S)
+    slots = torch.randint(0, S, (1, H, T, k), device=dev)                      # (1, Hkv, T, k)
+    mem_k, mem_v = mem.gather(slots)                                           # (1, Hkv, T, K, D)
+    valid = torch.ones(mem_k.shape[:-1], dtype=torch.bool, device=dev)
+
+    def matmul():
+        for s in starts:
+            q[:, :, s:s + qblock] @ keys
+
+    def topk():
+        for s in starts:  # the same block's scores each time: the top-k's cost does not depend on the values
+            scores[:, :, :min(qblock, T - s)].topk(k, dim=-1)
+
+    return {"score matmul": matmul, "top-k": topk, "gather": lambda: mem.gather(slots),
+            "memory attention": lambda: memory_attention(q, mem_k, mem_v, valid)}
+
+
 def recall_on_real_memories(sizes: list[int], retrievers: list[str], data: str, k_chunks: int = 16) -> dict:
     """{(size, retriever): recall@k_chunks} against float32 brute force, with the default model's keys and queries."""
     from longmem.data.documents import load_documents
@@ -101,6 +132,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, help="CPU threads (default: longmem's policy, longmem.runtime)")
+    ap.add_argument("--no-parts", action="store_true", help="skip timing the exact path's steps one by one")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -139,6 +171,19 @@ def main():
 
     with torch.no_grad(), autocast(dev):
         t = timed_interleaved({"backbone": run_backbone, **{key: run_longmem(key) for key in memories}}, args.repeats)
+        parts = {}
+        if not args.no_parts:
+            def timed_part(fn):
+                def f():
+                    fn()
+                    sync()
+                return f
+            for n in sizes:
+                if n:
+                    steps = exact_parts(memories[n, "exact"], model, args.segment, dev)
+                    t_parts = timed_interleaved({"backbone": run_backbone, **{name: timed_part(fn) for name, fn in
+                                                                              steps.items()}}, args.repeats)
+                    parts[n] = {name: tn / t_parts["backbone"] for name, tn in t_parts.items() if name != "backbone"}
     base = t.pop("backbone")
     t0 = t.get((0, "exact"))
     print(f"device={dev.type} threads={torch.get_num_threads()} backbone: {args.layers} layers, d={args.width}, "
@@ -154,6 +199,15 @@ def main():
         print(f"| {n:,} | {name} | {tn / base:.2f} | {extra} | {'n/a' if r is None else f'{r:.3f}'} |")
     print()
     print(f"backbone forward: {base * 1e3:.0f} ms per segment (the 1.00 of this table)")
+    if parts:
+        print()
+        print("the exact path's steps, each timed alone, as a fraction of one backbone forward:")
+        print()
+        names_ = list(next(iter(parts.values())))
+        print("| memory tokens | " + " | ".join(names_) + " | sum |")
+        print("|---:|" + "---:|" * (len(names_) + 1))
+        for n, p in parts.items():
+            print(f"| {n:,} | " + " | ".join(f"{p[k]:.3f}" for k in names_) + f" | {sum(p.values()):.3f} |")
     n = max(sizes)
     if n:
         mem = memories[n, "exact"]
