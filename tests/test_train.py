@@ -192,6 +192,8 @@ def test_init_from_starts_from_a_checkpoints_sidenet(workspace):
                  optim=frozen, seed=5))
     warm = load_file(str(workspace / "warm" / "final" / "sidenet.safetensors"))
     assert base.keys() == warm.keys() and all(torch.equal(base[k], warm[k]) for k in base)
+    history = json.loads((workspace / "warm" / "final" / "longmem_config.json").read_text())["extra"]["init_from"]
+    assert history["train_config"]["steps"] == 4 and history["train_config"]["out_dir"] == str(workspace / "base")
     train(config(workspace, "cold", steps=1, eval_interval=100, optim=frozen, seed=5))
     cold = load_file(str(workspace / "cold" / "final" / "sidenet.safetensors"))
     assert not all(torch.equal(base[k], cold[k]) for k in base)  # without init_from: a new SideNet

@@ -293,12 +293,22 @@ def train(cfg: TrainConfig) -> dict:
     if dist.enabled:
         metrics["replica_max_abs_diff"] = replica_difference(model)
     if is_main and step == cfg.steps:
-        model.save_pretrained(out_dir / "final", backbone="save", tokenizer=tokenizer,
-                              extra={"train_config": dataclasses.asdict(cfg), "final_metrics": metrics})
+        extra = {"train_config": dataclasses.asdict(cfg), "final_metrics": metrics}
+        if cfg.init_from:  # the run it started from, and so on back: how the weights were made
+            extra["init_from"] = checkpoint_history(cfg.init_from)
+        model.save_pretrained(out_dir / "final", backbone="save", tokenizer=tokenizer, extra=extra)
         write_json(out_dir / "summary.json", {"step": step, **metrics})
     if dist.enabled:
         torch.distributed.destroy_process_group()
     return metrics
+
+
+def checkpoint_history(path: str) -> dict:
+    """What a LongMem checkpoint's config says of its making (`extra`: train_config, final_metrics, its own
+    init_from), recorded in a warm-started run's final checkpoint."""
+    from longmem.checkpoint import CONFIG_FILE, resolve_model_path
+
+    return read_json(resolve_model_path(path) / CONFIG_FILE, "LongMem checkpoint config").get("extra", {})
 
 
 def replica_difference(model) -> float:
