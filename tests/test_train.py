@@ -202,6 +202,8 @@ def test_init_from_starts_from_a_checkpoints_sidenet(workspace):
                            sidenet_layers=1, sidenet_memory_layer=0)
     with pytest.raises(LongMemError, match="init_from=.* has sidenet_layers=2, this run 1"):
         train(config(workspace, "mismatch", longmem=deeper, init_from=str(workspace / "base" / "final")))
+    with pytest.raises(LongMemError, match="is not a LongMem checkpoint"):
+        train(config(workspace, "missing", init_from=str(workspace / "no-such-checkpoint")))
     other = workspace / "other-backbone"
     save_tiny_llama(other)
     foreign = LlamaForCausalLM.from_pretrained(other)

@@ -188,20 +188,30 @@ def resolve(opts: PplOptions, model) -> dict:
             "piece_tokens": -(-piece // T) * T}
 
 
-def load_tokenized(opts: PplOptions, tok) -> list[tuple[str, str, list[int]]]:
-    """(id, text, token ids) of the selected documents with at least 2 tokens."""
+def load_tokenized(data: str, split: str, tok, limit: int | None, seed: int, max_tokens: int = 0,
+                   min_tokens: int = 0) -> list[tuple[str, str, list[int]]]:
+    """(id, text, token ids) of the documents of `data` (`split`) with at least `min_tokens` tokens, `limit` of them
+    sampled with `seed`, each cut to its first `max_tokens` (0: whole); documents left with fewer than 2 tokens are
+    dropped. Shared by `eval ppl` and `eval retrieval`, so both read the same documents."""
     from longmem.data.documents import load_documents
 
-    docs = sample(load_documents(opts.data, split=opts.split), opts.limit, opts.seed)
-    out = []
-    for d in docs:
-        ids = tok(d.text, verbose=False)["input_ids"]
-        if opts.max_doc_tokens:
-            ids = ids[:opts.max_doc_tokens]
-        if len(ids) >= 2:
-            out.append((d.id, d.text, ids))
+    docs = load_documents(data, split=split)
+    ids: dict[str, list[int]] = {}
+
+    def encode(d):
+        if d.id not in ids:
+            ids[d.id] = tok(d.text, verbose=False)["input_ids"]
+        return ids[d.id]
+
+    if min_tokens:
+        docs = [d for d in docs if len(encode(d)) >= min_tokens]
+        if not docs:
+            raise LongMemError(f"no document of {data} (split {split}) has {min_tokens:,} tokens or more; "
+                               f"lower --min-tokens")
+    out = [(d.id, d.text, encode(d)[:max_tokens or None]) for d in sample(docs, limit, seed)]
+    out = [doc for doc in out if len(doc[2]) >= 2]
     if not out:
-        raise LongMemError(f"no document of {opts.data} (split {opts.split}) has 2 tokens or more to score; "
+        raise LongMemError(f"no document of {data} (split {split}) has 2 tokens or more to score; "
                            f"pass other data with --data")
     return out
 
@@ -288,7 +298,7 @@ class PplTask(Task):
         self.resolved = resolve(opts, model)
         r = self.resolved
         self.rows = build_rows(model, r["memory_sizes"], r["window"], r["stride"])
-        docs = load_tokenized(opts, self.tok)
+        docs = load_tokenized(opts.data, opts.split, self.tok, opts.limit, opts.seed, opts.max_doc_tokens)
         config = options_dict(opts, **{k: v for k, v in r.items() if k != "segment_length"})
         config["memory_sizes"] = ",".join(map(str, r["memory_sizes"]))
         config.pop("batch_size")  # how many pieces run side by side does not change the numbers

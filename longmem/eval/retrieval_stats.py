@@ -30,6 +30,7 @@ from longmem.errors import LongMemError
 from longmem.eval.common import EvalOptions, data_fingerprint, markdown_table, options_dict
 from longmem.eval.distance import BUCKETS as TARGET_BUCKETS, EDGES, bucket_targets, previous_occurrence
 from longmem.eval.lanes import Piece, split_document
+from longmem.eval.ppl import load_tokenized
 from longmem.eval.runner import Item, Plan, Task
 from longmem.memory.retrieval import Retrieval
 
@@ -233,36 +234,6 @@ def gate_of(model) -> torch.Tensor:
     return torch.sigmoid(layer.gate.detach().float().cpu())
 
 
-def load_tokenized(opts: RetrievalOptions, tok) -> list[tuple[str, str, list[int]]]:
-    """(id, text, token ids) of the chosen documents: those of at least --min-tokens, --limit of them sampled with
-    --seed (as `longmem eval ppl` samples), each cut to --max-tokens."""
-    from longmem.data.documents import load_documents
-    from longmem.eval.ppl import sample
-
-    docs = load_documents(opts.data, split=opts.split)
-    ids: dict[str, list[int]] = {}
-
-    def encode(d):
-        if d.id not in ids:
-            ids[d.id] = tok(d.text, verbose=False)["input_ids"]
-        return ids[d.id]
-
-    if opts.min_tokens:
-        docs = [d for d in docs if len(encode(d)) >= opts.min_tokens]
-        if not docs:
-            raise LongMemError(f"no document of {opts.data} (split {opts.split}) has {opts.min_tokens:,} tokens or "
-                               f"more; lower --min-tokens")
-    out = []
-    for d in sample(docs, opts.limit, opts.seed):
-        x = encode(d)[:opts.max_tokens or None]
-        if len(x) >= 2:
-            out.append((d.id, d.text, x))
-    if not out:
-        raise LongMemError(f"no document of {opts.data} (split {opts.split}) has 2 tokens or more; pass other data "
-                           f"with --data")
-    return out
-
-
 def summarize(counts: Counts, docs: int, tokens: int, gate: torch.Tensor, resolved: dict) -> dict:
     def share(x, total):
         return (np.asarray(x, dtype=float) / total).tolist() if total else None
@@ -373,7 +344,8 @@ class RetrievalTask(Task):
         self.resolved = {"memory_size": self.memory_size, "segment_length": T, "chunk_size": C,
                          "topk_chunks": c.topk_chunks, "buckets": bucket_names(self.edges), "bucket_edges": self.edges,
                          "log2_edges": LOG2_EDGES}
-        docs = load_tokenized(opts, self.tok)
+        docs = load_tokenized(opts.data, opts.split, self.tok, opts.limit, opts.seed, opts.max_tokens,
+                              opts.min_tokens)
         items, self.far = [], {}
         for doc_id, _, ids in docs:
             self.far[doc_id] = torch.from_numpy(far_references(ids, T))
