@@ -12,11 +12,16 @@ depends a little on how its lists balance).
 Recall@16 needs real memories: the default model reads `--recall-data` (dev books first, then
 train documents, until each memory size is filled) and the queries of its memory layer over the
 next segment are searched by each retriever and by float32 brute force.
+
+The row 'exact, before' is the exact path as it was before the tiled search and the blocked
+gather, on the same memory, timed in the same run: the baseline of the exact path's speed-up.
+The last table times the exact path's steps one by one, now and before (`--no-parts` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,7 +29,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from longmem import LongMemConfig, LongMemForCausalLM
-from longmem.memory import Retriever, make_retriever
+from longmem.memory import ExactRetriever, Retriever, make_retriever
 from longmem.runtime import autocast, load_model, resolve_device, set_threads
 
 
@@ -53,35 +58,62 @@ class Recorder(Retriever):
         return self.inner.search(bank, queries, k)
 
 
+BEFORE = "exact, before"
+"""The exact path as it was before the tiled search and the blocked gather (one batched matmul and top-k over all
+rows and heads in query blocks, then one gather of every retrieved token): the baseline row of this benchmark."""
+
+
+@contextlib.contextmanager
+def before(mem):
+    """Run `mem`'s forward the old way: the batched exact schedule and one gather of everything."""
+    import longmem.sidenet as sidenet
+
+    saved = mem.retriever, sidenet.GATHER_BYTES
+    mem.retriever, sidenet.GATHER_BYTES = ExactRetriever(tile=1 << 62), 1 << 62
+    try:
+        yield
+    finally:
+        mem.retriever, sidenet.GATHER_BYTES = saved
+
+
 def exact_parts(mem, model, T: int, dev) -> dict:
-    """The exact path's four steps at one memory size, each alone, as closures: the score matmul and the top-k
-    (on the query blocks `ExactRetriever` uses, all of them), the gather of the retrieved tokens, and the memory
-    attention over them. Shapes as in `MemoryAugmentedLayer.mix`: queries (1, Hkv, T, D), K retrieved tokens."""
-    from longmem.memory.retrieval import ExactRetriever
-    from longmem.sidenet import memory_attention
+    """The exact path's steps at one memory size, each alone, as closures, now and before: the search and, of it,
+    the score matmul (the tiles `ExactRetriever` multiplies, into one reused buffer); the gather of the retrieved
+    tokens with the memory attention over them (`retrieved_attention`); and the same two steps the old way
+    (`before`). Shapes as in `MemoryAugmentedLayer.mix`: queries (1, Hkv, T, D), k chunks per query."""
+    from longmem.sidenet import retrieved_attention
 
     H, D, k = model.adapter.num_kv_heads, model.adapter.head_dim, model.config.topk_tokens // model.config.chunk_size
     S = mem.slots_in_use
     dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
     q = torch.randn(1, H, T, D, device=dev, dtype=dtype)
-    keys = mem.search_keys(S).to(dtype).transpose(-1, -2)                     # (1, Hkv, D, S)
-    qblock = max(1, ExactRetriever().max_scores // (H * S))
-    starts = range(0, T, qblock)
-    scores = q[:, :, :qblock] @ keys                                           # (1, Hkv, qblock, S)
-    slots = torch.randint(0, S, (1, H, T, k), device=dev)                      # (1, Hkv, T, k)
-    mem_k, mem_v = mem.gather(slots)                                           # (1, Hkv, T, K, D)
-    valid = torch.ones(mem_k.shape[:-1], dtype=torch.bool, device=dev)
+    keys = mem.search_keys(S).to(dtype)                                        # (1, Hkv, S, D)
+    r = ExactRetriever()
+    qb = min(T, r.query_block)
+    width = max(k, r.tile // qb) // r.blocks * r.blocks
+    buf = torch.empty(qb, width, dtype=dtype, device=dev)                      # (qb, width) one tile's scores
 
     def matmul():
-        for s in starts:
-            q[:, :, s:s + qblock] @ keys
+        for h in range(H):
+            kt = keys[0, h].t()                                                # (D, S)
+            for q0 in range(0, T, qb):
+                for t0 in range(0, S, width):
+                    w = min(width, S - t0)
+                    torch.mm(q[0, h, q0:q0 + qb], kt[:, t0:t0 + w], out=buf[:min(qb, T - q0), :w])
 
-    def topk():
-        for s in starts:  # the same block's scores each time: the top-k's cost does not depend on the values
-            scores[:, :, :min(qblock, T - s)].topk(k, dim=-1)
+    found = mem.search(q, k)
 
-    return {"score matmul": matmul, "top-k": topk, "gather": lambda: mem.gather(slots),
-            "memory attention": lambda: memory_attention(q, mem_k, mem_v, valid)}
+    def search_before():
+        with before(mem):
+            mem.search(q, k)
+
+    def attend_before():
+        with before(mem):
+            retrieved_attention(q, mem, found)
+
+    return {"search": lambda: mem.search(q, k), "of which score matmul": matmul,
+            "gather + memory attention": lambda: retrieved_attention(q, mem, found),
+            "search, before": search_before, "gather + memory attention, before": attend_before}
 
 
 def recall_on_real_memories(sizes: list[int], retrievers: list[str], data: str, k_chunks: int = 16) -> dict:
@@ -111,8 +143,8 @@ def recall_on_real_memories(sizes: list[int], retrievers: list[str], data: str, 
             model(ids[:, n:n + seg], memory=mem, update_memory=False)
         q = mem.retriever.queries[-1]  # (1, Hkv, Q, D)
         ref = (q.float() @ mem.search_keys(mem.slots_in_use).float().transpose(-1, -2)).topk(k_chunks, dim=-1)
-        for name in retrievers:
-            mem.retriever = make_retriever(name)
+        for name in retrievers + ([BEFORE] if "exact" in retrievers else []):
+            mem.retriever = ExactRetriever(tile=1 << 62) if name == BEFORE else make_retriever(name)
             mem.retriever.rebuild(mem)  # the index a loaded memory would get
             found = mem.search(q, k_chunks)
             hits = (found.slots[..., :, None] == ref.indices[..., None, :]).any(-1) & found.valid
@@ -154,6 +186,8 @@ def main():
                 kv = torch.randn(1, min(4096, n - s), H, D, device=dev)
                 mem.write(kv, kv)
             memories[n, name] = mem
+        if n and "exact" in names:
+            memories[n, BEFORE] = memories[n, "exact"]  # the same memory, searched and read the old way (`before`)
 
     def sync():
         if dev.type == "cuda":
@@ -165,14 +199,15 @@ def main():
 
     def run_longmem(key):
         def f():
-            model(x, memory=memories[key], update_memory=False)
+            with before(memories[key]) if key[1] == BEFORE else contextlib.nullcontext():
+                model(x, memory=memories[key], update_memory=False)
             sync()
         return f
 
     with torch.no_grad(), autocast(dev):
         t = timed_interleaved({"backbone": run_backbone, **{key: run_longmem(key) for key in memories}}, args.repeats)
         parts = {}
-        if not args.no_parts:
+        if not args.no_parts and "exact" in names:
             def timed_part(fn):
                 def f():
                     fn()
@@ -190,6 +225,8 @@ def main():
           f"{args.heads} heads, segment {args.segment} tokens; SideNet {model.config.sidenet_layers} layers; "
           f"K={model.config.topk_tokens}, chunk {model.config.chunk_size}; memory {model.config.memory_dtype}")
     print()
+    print(f"('{BEFORE}': the same memory searched and read as before the tiled search and the blocked gather)")
+    print()
     print("| memory tokens | retriever | LongMem segment forward / backbone forward | retrieval + memory attention / "
           "backbone forward | recall@16 (default model, real memory) |")
     print("|---:|---|---:|---:|---:|")
@@ -201,13 +238,17 @@ def main():
     print(f"backbone forward: {base * 1e3:.0f} ms per segment (the 1.00 of this table)")
     if parts:
         print()
-        print("the exact path's steps, each timed alone, as a fraction of one backbone forward:")
+        print("the exact path's steps, each timed alone, as a fraction of one backbone forward, now and before:")
         print()
-        names_ = list(next(iter(parts.values())))
-        print("| memory tokens | " + " | ".join(names_) + " | sum |")
-        print("|---:|" + "---:|" * (len(names_) + 1))
+        print("| memory tokens | search | of which score matmul | gather + memory attention | total | search, before | "
+              "gather + memory attention, before | total, before | before / now |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n, p in parts.items():
-            print(f"| {n:,} | " + " | ".join(f"{p[k]:.3f}" for k in names_) + f" | {sum(p.values()):.3f} |")
+            now, old = p["search"] + p["gather + memory attention"], p["search, before"] + p[
+                "gather + memory attention, before"]
+            print(f"| {n:,} | {p['search']:.3f} | {p['of which score matmul']:.3f} | "
+                  f"{p['gather + memory attention']:.3f} | {now:.3f} | {p['search, before']:.3f} | "
+                  f"{p['gather + memory attention, before']:.3f} | {old:.3f} | {old / now:.1f}x |")
     n = max(sizes)
     if n:
         mem = memories[n, "exact"]

@@ -193,6 +193,40 @@ def test_memory_attention_reads_a_lower_precision_memory_in_the_query_dtype():
     torch.testing.assert_close(out, memory_attention(q, mem_k.float(), mem_v.float(), valid), rtol=0, atol=0)
 
 
+def test_memory_attention_gathered_in_blocks_equals_one_gather(family, monkeypatch):
+    """The memory layer's retrieved tokens gathered a few queries at a time (as on CPU) give the same output and the
+    same gradients as one gather of everything followed by `memory_attention` (the reference)."""
+    import longmem.sidenet as sidenet
+
+    model = LongMemForCausalLM.from_backbone(tiny_backbone(family), small_config())
+    model.train()
+    a, b, c = segments(3)
+    results = []
+    for block_bytes in (1, 1 << 40):  # one query per block; one block
+        monkeypatch.setattr(sidenet, "GATHER_BYTES", block_bytes)
+        memory = model.new_memory(2)
+        model(a, memory=memory)
+        model(b, memory=memory)
+        model.zero_grad()
+        out = model(c, memory=memory, labels=c)
+        out.loss.backward()
+        results.append((out.logits, [p.grad.clone() for p in model.sidenet.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+    # and the reference: one gather of every retrieved token, attended per query head
+    layer = model.sidenet.layers[model.config.sidenet_memory_layer]
+    q = torch.randn(2, model.adapter.num_heads, 16, model.adapter.head_dim)
+    Hkv = memory.spec.num_kv_heads
+    queries = q.reshape(2, Hkv, -1, q.shape[-1])  # (B, Hkv, G*T, D)
+    found = memory.search(queries, layer.topk_chunks)
+    mem_k, mem_v = memory.gather(found.slots)  # (B, Hkv, G*T, K, D)
+    valid = found.valid.repeat_interleave(memory.spec.chunk_size, dim=-1)
+    ref = sidenet.memory_attention(queries, mem_k, mem_v, valid)
+    monkeypatch.setattr(sidenet, "GATHER_BYTES", 1)
+    torch.testing.assert_close(sidenet.retrieved_attention(queries, memory, found), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_new_memory_uses_the_given_retriever_and_the_model_device():
     from longmem.memory import ExactRetriever
 

@@ -47,34 +47,59 @@ def brute(mem, queries, k):
 
 
 # ---- the exact backend --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block", [4, 16])
-def test_topk_by_blocks_equals_topk(block):
+@pytest.mark.parametrize("blocks", [8, 16])
+def test_topk_by_blocks_equals_topk(blocks):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, 5, 256, generator=g)
-    v, i = topk_by_blocks(s, 7, block)
+    v, i = topk_by_blocks(s, 7, blocks)
     ref = s.topk(7, dim=-1)
     assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)  # no ties: same slots, same order
     # ties: equal maxima in several blocks; the values are the brute-force values and each index holds its value
     t = torch.randint(0, 4, (3, 5, 256), generator=g).float()
-    v, i = topk_by_blocks(t, 7, block)
+    v, i = topk_by_blocks(t, 7, blocks)
     assert torch.equal(v, t.topk(7, dim=-1).values) and torch.equal(t.gather(-1, i), v)
     assert all(len(set(row)) == 7 for row in i.flatten(0, 1).tolist())  # distinct columns
+    # the top k all in one block (columns 3, 3 + blocks, ...): the other blocks' maxima are all smaller
+    u = torch.randn(2, 256, generator=g) - 10
+    u[:, 3::blocks] += 20
+    assert torch.equal(topk_by_blocks(u, 7, blocks)[1], u.topk(7, dim=-1).indices)
 
 
-def test_exact_search_in_two_stages_equals_float32_brute_force():
-    mem = bank(capacity=4 * 3000)
-    mem.retriever = ExactRetriever(block=16)
-    write_tokens(mem, 4 * 2900 + 3, seed=1)  # 2,900 chunks
+@pytest.mark.parametrize("shift", [0.0, -1.0, -2.0, -4.0, -100.0])
+def test_topk_by_blocks_in_bfloat16_equals_topk_whatever_the_signs(shift):
+    """bfloat16 takes its block maxima over the int16 bit patterns (exact for positive maxima); rows whose k-th best
+    score is negative (shift -2: some rows, -4 and -100: all) must still get the true top k."""
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(4, 6, 512, generator=g) + shift).bfloat16()
+    s[0, 0] = -s[0, 0].abs()  # one row with no positive score at all
+    v, i = topk_by_blocks(s, 16, 32)
+    ref = s.float().topk(16, dim=-1)
+    assert torch.equal(v.float(), ref.values) and torch.equal(s.gather(-1, i), v)
+    assert all(len(set(row)) == 16 for row in i.flatten(0, 1).tolist())
+
+
+@pytest.mark.parametrize("chunks,k,settings", [
+    ((2900, 2100), 16, dict(tile=1 << 12, blocks=16)),                  # several staged tiles a row, the last padded
+    ((2900, 2100), 16, dict(tile=1 << 12, blocks=16, query_block=4)),   # several query blocks too
+    ((2900, 2100), 32, dict(tile=1 << 12, blocks=16)),                  # k > blocks: flat top-k per tile
+    ((700, 9), 16, dict(tile=1 << 10, blocks=8)),                       # a row holding fewer than k chunks
+    ((700, 0), 16, dict(tile=1 << 10, blocks=8)),                       # an empty row
+    ((2900, 2100), 16, dict(tile=1 << 40)),                             # one batched matmul and top-k
+    ((2900, 2100), 16, dict(tile=1 << 40, max_scores=2 * H * 3000 * 4)),  # batched in blocks of 4 queries
+])
+def test_exact_search_equals_float32_brute_force(chunks, k, settings):
+    mem = bank(capacity=4 * 3000, retriever=ExactRetriever(**settings))
+    write_tokens(mem, 4 * chunks[0] + 3, seed=1)
     mem.reset(rows=[1])
-    write_tokens(mem, 4 * 2100, seed=2)  # rows of 3,000 and 2,100 chunks: empty slots must never be returned
+    if chunks[1]:  # rows of different lengths: a row's empty slots must never be returned
+        k2 = clustered(4 * chunks[1], seed=2)[None].expand(2, -1, -1, -1)
+        mem.write(k2, -k2, attention_mask=torch.tensor([[False], [True]]).expand(-1, 4 * chunks[1]))
+    assert mem.num_chunks.tolist() == list(chunks)
     q = torch.randn(2, H, 9, D)
-    assert mem.slots_in_use >= 4 * 16 * 16 and mem.slots_in_use % 16  # two stages; the last block padded
-    found, ref = mem.search(q, 16), brute(mem, q, 16)
-    assert torch.equal(found.scores, ref.values) and torch.equal(found.slots, ref.indices)
-    assert bool(found.valid.all())
-    flat = ExactRetriever()  # one stage: torch.topk over everything
-    mem.retriever = flat
-    assert torch.equal(mem.search(q, 16).slots, found.slots)
+    found, ref = mem.search(q, k), brute(mem, q, k)
+    torch.testing.assert_close(found.scores, ref.values, rtol=0, atol=1e-5)
+    assert torch.equal(found.valid, torch.isfinite(ref.values))  # rows short of k chunks: the rest is not valid
+    assert torch.equal(found.slots[found.valid], ref.indices[found.valid])
 
 
 # ---- approximate backends -----------------------------------------------------------------------------------------
@@ -212,7 +237,7 @@ def test_retriever_specs_carry_settings():
     assert parse_retriever("faiss-ivf:nprobe=8,min_chunks=512") == ("faiss-ivf", {"nprobe": 8, "min_chunks": 512})
     r = make_retriever("faiss-hnsw:ef_search=256,M=16")
     assert (r.kind, r.ef_search, r.M, r.nprobe) == ("hnsw", 256, 16, 32)  # the rest keep their defaults
-    assert make_retriever("torch-ivf:nprobe=4").nprobe == 4 and make_retriever("exact:block=64").block == 64
+    assert make_retriever("torch-ivf:nprobe=4").nprobe == 4 and make_retriever("exact:blocks=64").blocks == 64
     for spec, message in (("annoy", "'annoy' is not one of exact, faiss-ivf, faiss-hnsw, torch-ivf"),
                           ("faiss-ivf:ef_search=3", "'ef_search=3' is not a setting of faiss-ivf"),
                           ("faiss-ivf:nprobe", "'nprobe' is not a setting of faiss-ivf"),
