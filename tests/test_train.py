@@ -99,6 +99,15 @@ def test_backbone_is_frozen_and_gate_trains(workspace):
     weights = load_file(str(workspace / "frozen" / "final" / "sidenet.safetensors"))
     gate = [v for k, v in weights.items() if k.endswith("gate")]
     assert len(gate) == 1 and not torch.equal(gate[0], torch.zeros_like(gate[0]))
+    # memory_layer_lr_scale: only the memory layer's weights differ after one step (its gate has no gradient yet: the
+    # first step's memory is empty)
+    moved = {}
+    for scale in (1.0, 10.0):
+        train(config(workspace, f"scale{scale}", steps=1, eval_interval=100, memory_layer_lr_scale=scale))
+        moved[scale] = load_file(str(workspace / f"scale{scale}" / "final" / "sidenet.safetensors"))
+    layer = next(k for k in weights if k.endswith("gate")).rsplit(".", 1)[0] + "."  # layers.N.
+    for k, v in moved[1.0].items():
+        assert torch.allclose(moved[10.0][k], v) != (k.startswith(layer) and not k.endswith("gate")), k
     saved = LlamaForCausalLM.from_pretrained(workspace / "frozen" / "final" / "backbone")
     original = LlamaForCausalLM.from_pretrained(workspace / "backbone")
     for (k, v), w in zip(saved.state_dict().items(), original.state_dict().values()):

@@ -186,6 +186,26 @@ def test_optimizer_groups_and_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
 
 
+def test_lr_scale_multiplies_the_learning_rate_of_the_matching_parameters():
+    """A name prefix's multiplier scales its parameters' lr through the whole schedule; Adam's first step moves
+    every weight by about its lr (g / |g|), so the scaled layer moves 10x as far."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])})
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = build_optimizer(model.named_parameters(), OptimizerConfig(lr=1e-3, weight_decay=0.0), {"layers.1.": 10.0})
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=10)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([5e-4, 5e-4, 5e-3, 5e-3])  # warm-up step 1 of 2
+    model["layers"][1](model["layers"][0](torch.randn(3, 4))).square().sum().backward()
+    opt.step()
+    sched.step()
+    moved = {k: (v - before[k]).abs().mean().item() for k, v in model.named_parameters()}
+    assert moved["layers.1.weight"] == pytest.approx(10 * moved["layers.0.weight"], rel=1e-3)
+    assert moved["layers.1.bias"] == pytest.approx(10 * moved["layers.0.bias"], rel=1e-3)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])  # after warm-up
+    # without a scale: the two groups of before (decayed, not decayed)
+    assert len(build_optimizer(model.named_parameters(), OptimizerConfig()).param_groups) == 2
+
+
 def test_load_config_with_overrides(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"steps": 10, "model": {"hidden_size": 64}, "optim": {"betas": [0.9, 0.98]}}))

@@ -31,16 +31,21 @@ class OptimizerConfig:
     """Decay after warmup: "cosine" or "polynomial" (linear, power 1, as in fairseq)."""
 
 
-def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig,
+                    lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the parameters that require grad. Tensors with fewer than 2 dims (norm
-    weights, biases, per-head gates) are not decayed."""
-    decay, no_decay = [], []
-    for _, p in named_params:
+    weights, biases, per-head gates) are not decayed. `lr_scale` maps parameter name prefixes to
+    learning-rate multipliers (the first prefix that matches; the schedule scales every group alike)."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in named_params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) or None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+            scale = next((v for prefix, v in (lr_scale or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    params = [p for group in groups.values() for p in group]
+    fused = all(p.is_cuda for p in params) or None
+    return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0, "lr": cfg.lr * scale}
+                              for (decayed, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))],
+                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

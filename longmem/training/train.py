@@ -60,6 +60,9 @@ class TrainConfig:
     """The LongMem model: memory_layer, memory_size, chunk_size, topk_tokens, segment_length, ..."""
     optim: OptimizerConfig = field(default_factory=adaptation_optim)
     """AdamW and learning-rate schedule (the paper's adaptation values by default)."""
+    memory_layer_lr_scale: float = 1.0
+    """Learning-rate multiplier for the SideNet's memory-augmented layer (its block and per-head gates: the layer whose
+    queries search the memory)."""
     min_document_chars: int = 0
     """Train and evaluate only on documents at least this long (memory matters on long documents)."""
     batch_size: int = 4
@@ -219,7 +222,8 @@ def train(cfg: TrainConfig) -> dict:
     corpus = load_corpus(cfg.data_dir, "train", tokenizer, cfg)
     dev = load_corpus(cfg.dev_dir or cfg.data_dir, "dev", tokenizer, cfg)
     batcher = StreamBatcher(corpus, cfg.batch_size, seg, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    optimizer = build_optimizer(model.sidenet.named_parameters(), cfg.optim)
+    memory_layer = f"layers.{model.config.sidenet_memory_layer}."  # its block and gate
+    optimizer = build_optimizer(model.sidenet.named_parameters(), cfg.optim, {memory_layer: cfg.memory_layer_lr_scale})
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio, cfg.optim.decay)
     memory = model.new_memory(cfg.batch_size)
     step = 0
