@@ -102,6 +102,26 @@ def test_exact_search_equals_float32_brute_force(chunks, k, settings):
     assert torch.equal(found.slots[found.valid], ref.indices[found.valid])
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16", "bfloat16"])
+def test_tiled_exact_search_reads_every_storage_dtype_like_the_batched_one(dtype):
+    """The tiled schedule reads the keys a row and head at a time (int8 dequantised per head, float16 upcast on CPU):
+    it must score what the batched schedule scores over the whole dequantised bank."""
+    mem = bank(capacity=4 * 3000, dtype=dtype)
+    write_tokens(mem, 4 * 2900, seed=5)
+    q = clustered(9, seed=6).permute(1, 0, 2)[None].expand(2, -1, -1, -1)  # (B, H, Q, D) near the keys
+    mem.retriever = ExactRetriever(tile=1 << 12, blocks=16)
+    tiled = mem.search(q, 16)
+    mem.retriever = ExactRetriever(tile=1 << 62)
+    batched = mem.search(q, 16)
+    assert tiled.scores.dtype == batched.scores.dtype == {"float16": torch.float32}.get(dtype, torch.bfloat16)
+    torch.testing.assert_close(tiled.scores.float(), batched.scores.float(), rtol=1e-2, atol=1e-2)
+    # each slot holds its score (bf16 ties may pick different slots of equal score than the batched top-k)
+    keys = mem.search_keys(mem.slots_in_use).float()                               # (B, H, S, D)
+    held = keys.gather(2, tiled.slots.flatten(2)[..., None].expand(-1, -1, -1, D))  # (B, H, Q*k, D)
+    rescored = (q.float().repeat_interleave(16, dim=2) * held).sum(-1).view_as(tiled.scores)
+    torch.testing.assert_close(rescored, tiled.scores.float(), rtol=2e-2, atol=5e-2)
+
+
 # ---- approximate backends -----------------------------------------------------------------------------------------
 def recall(found, ref):
     hits = (found.slots[..., :, None] == ref.indices[..., None, :]).any(-1) & found.valid

@@ -381,6 +381,14 @@ class MemoryBank:
             return self.chunk_keys[:, :, :S]
         return dequantize(self.chunk_keys[:, :, :S], self.chunk_key_scales[:, :, :S])
 
+    def head_search_keys(self, row: int, head: int, n: int) -> torch.Tensor:
+        """(n, D) search keys of the first `n` slots of `row`'s kv head `head`, dequantised (the tiled exact search
+        reads them a head at a time, so an int8 memory is never dequantised whole)."""
+        keys = self.chunk_keys[row, head, :n]
+        if not self.quantized:
+            return keys
+        return dequantize(keys, self.chunk_key_scales[row, head, :n])
+
     def row_search_keys(self, row: int, slots: torch.Tensor) -> torch.Tensor:
         """(Hkv, n, D) float32 search keys of `slots` (n,) in `row` (what approximate indexes hold)."""
         keys = self.chunk_keys[row][:, slots]

@@ -178,13 +178,13 @@ class ExactRetriever(Retriever):
         B, Hkv, Q, D = queries.shape
         S = bank.slots_in_use
         assert k <= S, (k, S)
-        keys = bank.search_keys(S)  # (B, Hkv, S, D) in the scoring dtype
-        dtype = torch.float32 if keys.dtype == torch.float16 and keys.device.type == "cpu" else keys.dtype
-        keys, queries = keys.to(dtype), queries.to(dtype)
-        if keys.device.type == "cpu" and B * Hkv * Q * S > self.tile:
-            values, slots = self._tiled(keys, queries, bank.num_chunks.tolist(), k)
+        cpu = bank.device.type == "cpu"
+        dtype = torch.float32 if bank.compute_dtype == torch.float16 and cpu else bank.compute_dtype  # scoring dtype
+        if cpu and B * Hkv * Q * S > self.tile:
+            values, slots = self._tiled(bank, queries.to(dtype), k)
         else:
-            values, slots = self._batched(keys, queries, bank.num_chunks, k)
+            keys = bank.search_keys(S).to(dtype)  # (B, Hkv, S, D)
+            values, slots = self._batched(keys, queries.to(dtype), bank.num_chunks, k)
         return Retrieval(slots, torch.isfinite(values), values)
 
     def _batched(self, keys: torch.Tensor, queries: torch.Tensor, num_chunks: torch.Tensor, k: int):
@@ -206,21 +206,23 @@ class ExactRetriever(Retriever):
             out_slots.append(slots)
         return torch.cat(out_scores, dim=2), torch.cat(out_slots, dim=2)
 
-    def _tiled(self, keys: torch.Tensor, queries: torch.Tensor, num_chunks: list[int], k: int):
-        """keys (B, Hkv, S, D), queries (B, Hkv, Q, D) -> scores and slots (B, Hkv, Q, k); row b's slots past
-        num_chunks[b] are never scored (-inf / slot 0 where a row holds fewer than k chunks)."""
+    def _tiled(self, bank: "MemoryBank", queries: torch.Tensor, k: int):
+        """queries (B, Hkv, Q, D) in the scoring dtype -> scores and slots (B, Hkv, Q, k); a row's slots past its
+        chunk count are never scored (-inf / slot 0 where a row holds fewer than k chunks). The keys are read a row
+        and head at a time (`MemoryBank.head_search_keys`)."""
         B, Hkv, Q, _ = queries.shape
+        keys_dtype, num_chunks = queries.dtype, bank.num_chunks.tolist()
         nb = self.blocks
         qb = min(Q, self.query_block)
         width = max(k, self.tile // qb)
         width = width // nb * nb if width >= 8 * nb else width  # whole blocks when tiles are staged
-        buf = torch.empty(qb, width, dtype=keys.dtype)                  # (qb, width) one tile's scores, reused
-        values = torch.full((B, Hkv, Q, k), float("-inf"), dtype=keys.dtype)
+        buf = torch.empty(qb, width, dtype=keys_dtype)                  # (qb, width) one tile's scores, reused
+        values = torch.full((B, Hkv, Q, k), float("-inf"), dtype=keys_dtype)
         slots = torch.zeros(B, Hkv, Q, k, dtype=torch.long)
         for b in range(B):
             n = num_chunks[b]
             for h in range(Hkv):
-                kt = keys[b, h, :n].t()  # (D, n)
+                kt = bank.head_search_keys(b, h, n).to(keys_dtype).t()  # (D, n)
                 for q0 in range(0, Q, qb):
                     q = queries[b, h, q0:q0 + qb]  # (q, D)
                     found_v, found_i = [], []
