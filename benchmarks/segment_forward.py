@@ -88,9 +88,7 @@ def exact_parts(mem, model, T: int, dev) -> dict:
     dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
     q = torch.randn(1, H, T, D, device=dev, dtype=dtype)
     keys = mem.search_keys(S).to(dtype)                                        # (1, Hkv, S, D)
-    r = ExactRetriever()
-    qb = min(T, r.query_block)
-    width = max(k, r.tile // qb) // r.blocks * r.blocks
+    qb, width = ExactRetriever().tile_shape(T, k)
     buf = torch.empty(qb, width, dtype=dtype, device=dev)                      # (qb, width) one tile's scores
 
     def matmul():

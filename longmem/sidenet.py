@@ -129,7 +129,7 @@ def retrieved_attention(queries: torch.Tensor, memory: MemoryBank, found: Retrie
     C = memory.spec.chunk_size
     K = found.slots.shape[-1] * C
     valid = found.valid.repeat_interleave(C, dim=-1)  # (B, Hkv, Q, K): a chunk's tokens share its validity
-    per_query = B * Hkv * K * D * 2 * queries.element_size()
+    per_query = B * Hkv * K * D * 2 * memory.compute_dtype.itemsize  # gathered keys and values, bytes
     step = max(1, GATHER_BYTES // per_query) if queries.device.type == "cpu" else Q
     out = []
     for s in range(0, Q, step):

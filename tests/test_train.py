@@ -147,6 +147,11 @@ def test_bad_inputs_are_one_line_errors(workspace, tmp_path):
     with pytest.raises(LongMemError, match="memory_layer=7 is outside the backbone's 4 layers"):
         train(config(workspace, "bad4", longmem=LongMemConfig(memory_layer=7)))
     assert not (workspace / "bad4").exists() or not any((workspace / "bad4").glob("step-*"))
+    for bad, message in ((dict(memory_layer_lr_scale=-1.0), r"^memory_layer_lr_scale must be a number of at least 0, "
+                                                             r"not -1\.0$"),
+                         (dict(memory_layer_lr_scale=float("nan")), r"^memory_layer_lr_scale must be .* not nan$")):
+        with pytest.raises(LongMemError, match=message):
+            train(config(workspace, "bad5", **bad))
 
 
 def test_cli_reports_user_errors_in_one_line(workspace, tmp_path):

@@ -204,6 +204,13 @@ def test_lr_scale_multiplies_the_learning_rate_of_the_matching_parameters():
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])  # after warm-up
     # without a scale: the two groups of before (decayed, not decayed)
     assert len(build_optimizer(model.named_parameters(), OptimizerConfig()).param_groups) == 2
+    # a multiplier below 1 still leaves an unscaled group first (group 0's lr is the one logged)
+    low = build_optimizer(model.named_parameters(), OptimizerConfig(lr=1e-3), {"layers.1.": 0.1})
+    assert [g["lr"] for g in low.param_groups] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    with pytest.raises(LongMemError, match=r"^optim.lr must be a number of at least 0, not -1.0$"):
+        build_optimizer(model.named_parameters(), OptimizerConfig(lr=-1.0))
+    with pytest.raises(LongMemError, match=r"^the learning-rate multiplier of 'layers.1.' must be a number of at least 0"):
+        build_optimizer(model.named_parameters(), OptimizerConfig(), {"layers.1.": -2.0})
 
 
 def test_load_config_with_overrides(tmp_path):

@@ -206,41 +206,44 @@ class ExactRetriever(Retriever):
             out_slots.append(slots)
         return torch.cat(out_scores, dim=2), torch.cat(out_slots, dim=2)
 
+    def tile_shape(self, Q: int, k: int) -> tuple[int, int]:
+        """(queries, slots) of one tile of the tiled schedule for Q queries: `query_block` queries against `tile`
+        scores' worth of slots, a whole number of blocks when the tile is large enough to take two stages."""
+        qb = min(Q, self.query_block)
+        width = max(k, self.tile // qb)
+        return qb, (width // self.blocks * self.blocks if width >= 8 * self.blocks else width)
+
     def _tiled(self, bank: "MemoryBank", queries: torch.Tensor, k: int):
         """queries (B, Hkv, Q, D) in the scoring dtype -> scores and slots (B, Hkv, Q, k); a row's slots past its
         chunk count are never scored (-inf / slot 0 where a row holds fewer than k chunks). The keys are read a row
         and head at a time (`MemoryBank.head_search_keys`)."""
         B, Hkv, Q, _ = queries.shape
-        keys_dtype, num_chunks = queries.dtype, bank.num_chunks.tolist()
-        nb = self.blocks
-        qb = min(Q, self.query_block)
-        width = max(k, self.tile // qb)
-        width = width // nb * nb if width >= 8 * nb else width  # whole blocks when tiles are staged
-        buf = torch.empty(qb, width, dtype=keys_dtype)                  # (qb, width) one tile's scores, reused
-        values = torch.full((B, Hkv, Q, k), float("-inf"), dtype=keys_dtype)
+        qb, width = self.tile_shape(Q, k)
+        buf = torch.empty(qb, width, dtype=queries.dtype)  # (qb, width) one tile's scores, reused
+        values = torch.full((B, Hkv, Q, k), float("-inf"), dtype=queries.dtype)
         slots = torch.zeros(B, Hkv, Q, k, dtype=torch.long)
-        for b in range(B):
-            n = num_chunks[b]
+        for b, n in enumerate(bank.num_chunks.tolist()):
             for h in range(Hkv):
-                kt = bank.head_search_keys(b, h, n).to(keys_dtype).t()  # (D, n)
-                for q0 in range(0, Q, qb):
+                kt = bank.head_search_keys(b, h, n).to(queries.dtype).t()  # (D, n)
+                for q0 in range(0, Q, qb) if n else ():
                     q = queries[b, h, q0:q0 + qb]  # (q, D)
-                    found_v, found_i = [], []
-                    for t0 in range(0, n, width):
-                        w = min(width, n - t0)
-                        staged = w >= 8 * nb and k <= nb  # two stages pay once blocks hold 8+ columns
-                        wp = -(-w // nb) * nb if staged else max(w, k)  # padded to whole blocks / to k columns
-                        s = buf[:len(q), :wp]
-                        torch.mm(q, kt[:, t0:t0 + w], out=buf[:len(q), :w])
-                        s[:, w:] = float("-inf")
-                        v, i = topk_by_blocks(s, k, nb) if staged else s.topk(k, dim=-1)  # (q, k) each
-                        found_v.append(v)
-                        found_i.append(i + t0)
-                    if found_v:
-                        v, i = merge_topk(found_v, found_i, k)
-                        values[b, h, q0:q0 + qb] = v
-                        slots[b, h, q0:q0 + qb] = i
+                    values[b, h, q0:q0 + qb], slots[b, h, q0:q0 + qb] = self._head_topk(q, kt, k, buf)
         return values, slots
+
+    def _head_topk(self, q: torch.Tensor, kt: torch.Tensor, k: int, buf: torch.Tensor):
+        """q (q, D) against kt (D, n), n >= 1, tile by tile through `buf` -> the top k scores and slots (q, k)."""
+        nb, width, n = self.blocks, buf.shape[1], kt.shape[1]
+        found_v, found_i = [], []
+        for t0 in range(0, n, width):
+            w = min(width, n - t0)
+            staged = w >= 8 * nb and k <= nb  # two stages pay once blocks hold 8+ columns
+            s = buf[:len(q), :-(-w // nb) * nb if staged else max(w, k)]  # padded to whole blocks / to k columns
+            torch.mm(q, kt[:, t0:t0 + w], out=s[:, :w])
+            s[:, w:] = float("-inf")
+            v, i = topk_by_blocks(s, k, nb) if staged else s.topk(k, dim=-1)  # (q, k) each
+            found_v.append(v)
+            found_i.append(i + t0)
+        return merge_topk(found_v, found_i, k)
 
 
 def make_retriever(spec: str) -> Retriever:

@@ -36,6 +36,11 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
     """AdamW over the parameters that require grad. Tensors with fewer than 2 dims (norm
     weights, biases, per-head gates) are not decayed. `lr_scale` maps parameter name prefixes to
     learning-rate multipliers (the first prefix that matches; the schedule scales every group alike)."""
+    if not cfg.lr >= 0:  # also NaN
+        raise LongMemError(f"optim.lr must be a number of at least 0, not {cfg.lr}")
+    for prefix, v in (lr_scale or {}).items():
+        if not v >= 0:
+            raise LongMemError(f"the learning-rate multiplier of {prefix!r} must be a number of at least 0, not {v}")
     groups: dict[tuple[bool, float], list] = {}
     for name, p in named_params:
         if p.requires_grad:
@@ -44,7 +49,9 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
     params = [p for group in groups.values() for p in group]
     fused = all(p.is_cuda for p in params) or None
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0, "lr": cfg.lr * scale}
-                              for (decayed, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))],
+                              # unscaled groups first: group 0's lr is the one logged, decayed before not decayed
+                              for (decayed, scale), ps in sorted(groups.items(),
+                                                                 key=lambda g: (g[0][1] != 1.0, not g[0][0], g[0][1]))],
                              lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 

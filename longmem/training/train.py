@@ -195,6 +195,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a LongMem SideNet as described by `cfg`; returns the final metrics."""
     if cfg.dtype not in ("bf16", "fp32"):
         raise LongMemError(f'dtype must be "bf16" or "fp32", not "{cfg.dtype}"')
+    if not cfg.memory_layer_lr_scale >= 0:  # also NaN
+        raise LongMemError(f"memory_layer_lr_scale must be a number of at least 0, not {cfg.memory_layer_lr_scale}")
     dist = Distributed.from_env()
     if dist.enabled:
         import torch.distributed as td
