@@ -25,6 +25,7 @@ from longmem.errors import LongMemError
 from longmem.loss import next_token_loss, shift_labels
 from longmem.memory import MemoryBank, MemorySpec, Retrieval, Retriever, held_span
 from longmem.runtime import cast_unless_autocast
+from longmem.retrieval_loss import RetrievalSupervision
 from longmem.sidenet import SegmentContext, SideNet
 
 if TYPE_CHECKING:
@@ -198,12 +199,15 @@ class LongMemForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True, backbone_output: BackbonePass | None = None) -> LongMemOutput:
+                update_memory: bool = True, backbone_output: BackbonePass | None = None,
+                retrieval_supervision: RetrievalSupervision | None = None) -> LongMemOutput:
         """One segment: input_ids (B, T) with T <= segment_length; retrieve, then write into `memory`.
 
         backbone_output: `backbone_forward(input_ids, attention_mask)` computed earlier, to skip the backbone here
         (attention_mask may then be omitted; if given it must be the same). The logits, the retrieval and what is
-        written into `memory` are exactly those of a forward without it."""
+        written into `memory` are exactly those of a forward without it.
+        retrieval_supervision: training's auxiliary retrieval loss (`longmem.retrieval_loss`): the memory layer
+        searches its `candidates` and sets its `loss`; the logits are those of a forward without it."""
         B, T = input_ids.shape
         self._check_segment(input_ids)
         if memory is not None:
@@ -216,7 +220,7 @@ class LongMemForCausalLM(nn.Module):
         position_ids = backbone_output.position_ids
         ctx = SegmentContext(positions=self.adapter.positions(bb.hidden_states[0], position_ids),
                              attn_mask=None if attention_mask is None else causal_padding_mask(attention_mask),
-                             memory=memory)
+                             memory=memory, supervision=retrieval_supervision)
         hidden, retrieval = self.sidenet(bb.hidden_states, ctx)  # (B, T, d)
         head = self.adapter.lm_head
         logits = head(cast_unless_autocast(hidden, head.weight.dtype))

@@ -25,6 +25,7 @@ from torch import nn
 
 from longmem.backbone import BackboneAdapter
 from longmem.memory import MemoryBank
+from longmem.retrieval_loss import RetrievalSupervision, retrieval_loss
 from longmem.runtime import cast_unless_autocast
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class SegmentContext:
                                       # tokens (B, 1, 1, P + T) bool over the keys, or None (all visible)
     memory: MemoryBank | None
     cache: SideNetCache | None = None  # cached keys/values of earlier tokens, extended by this forward
+    supervision: RetrievalSupervision | None = None  # training: the auxiliary retrieval loss, set by the memory layer
 
 
 def local_attention(q, k, v, attn_mask, dropout_p):
@@ -146,7 +148,8 @@ class SideNetLayer(nn.Module):
         self.block = block
         self.adapter = adapter  # plain attribute: not a module, holds the frozen backbone
 
-    def mix(self, a: torch.Tensor, q: torch.Tensor, ctx: SegmentContext):
+    def mix(self, a: torch.Tensor, q: torch.Tensor, ctx: SegmentContext, x: torch.Tensor):
+        """a: the local attention output (B, Hq, T, D), q its pre-rotary queries, x the layer's input (B, T, d)."""
         return a, None
 
     def forward(self, x: torch.Tensor, ctx: SegmentContext, cache: LayerCache | None = None):
@@ -162,7 +165,7 @@ class SideNetLayer(nn.Module):
                 cache.update(k_pos, qkv.v)
             p = ad.attention_dropout(self.block) if self.training else 0.0
             a = local_attention(q_pos, k_pos, qkv.v, ctx.attn_mask, p)  # (B, Hq, T, D)
-        a, retrieval = self.mix(a, qkv.q, ctx)
+        a, retrieval = self.mix(a, qkv.q, ctx, x)
         B, H, T, D = a.shape
         x = x + ad.attention_output(self.block, a.transpose(1, 2).reshape(B, T, H * D))
         return ad.mlp_residual(self.block, x), retrieval
@@ -176,7 +179,7 @@ class MemoryAugmentedLayer(SideNetLayer):
         self.topk_chunks = topk_chunks
         self.gate = nn.Parameter(torch.zeros(adapter.num_heads))
 
-    def mix(self, a, q, ctx):
+    def mix(self, a, q, ctx, x):
         memory = ctx.memory
         if memory is None or len(memory) == 0:
             return a, None  # plain causal attention
@@ -185,7 +188,14 @@ class MemoryAugmentedLayer(SideNetLayer):
         G = Hq // Hkv
         # pre-rotary queries search their key/value head's chunks: (B, Hq, T, D) -> (B, Hkv, G*T, D)
         queries = q.reshape(B, Hkv, G * T, D)
-        found = memory.search(queries.detach(), self.topk_chunks)
+        sup = ctx.supervision
+        found = memory.search(queries.detach(), max(self.topk_chunks, sup.candidates if sup else 0))
+        if sup is not None:  # the loss ranks all candidates; attention reads the best topk_chunks of them
+            scored = queries
+            if not sup.through_lower_layers:  # the same queries, with a gradient to this layer's projection only
+                scored = self.adapter.attention_inputs(self.block, x.detach()).q.reshape(B, Hkv, G * T, D)
+            sup.loss, sup.queries = retrieval_loss(scored, memory, found, sup.targets)
+            found = found.top(self.topk_chunks)
         m = retrieved_attention(queries, memory, found).view(B, Hq, T, D)  # (B, Hkv, G*T, D) -> (B, Hq, T, D)
         has_memory = (memory.num_chunks > 0).to(a.device, a.dtype).view(B, 1, 1, 1)  # empty rows stay local
         g = torch.sigmoid(self.gate).to(a.dtype).view(1, Hq, 1, 1)

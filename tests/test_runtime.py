@@ -250,3 +250,33 @@ def test_a_checkpoint_saved_in_bf16_loads_back(checkpoint, tmp_path, capsys):
         assert torch.equal(p.float(), q.to(torch.bfloat16).float()), name
     assert main(["generate", "--model", str(tmp_path / "exp"), "--prompt", "hi", "--max-new-tokens", "2",
                  "--threads", "1"]) == 0
+
+
+TRIM_PROBE = """
+import time
+import torch
+from longmem.runtime import bound_cpu_allocator
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+torch.ones(1 << 18)  # a freed 1 MiB mapping raises glibc's mmap threshold: smaller blocks now come from the heap
+blocks = [torch.ones(1 << 17) for _ in range(800)]  # 800 x 512 KiB = 400 MiB of heap
+keep = blocks[::50]  # survivors spread through the heap: freeing the rest cannot shrink it from its top
+del blocks
+time.sleep(0.3)
+idle = rss()
+assert bound_cpu_allocator(0.05) and bound_cpu_allocator(0.05)
+time.sleep(0.3)
+import threading
+print(idle >> 20, rss() >> 20, sum(t.name == "longmem-malloc-trim" for t in threading.enumerate()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_bound_cpu_allocator_hands_free_heap_memory_back():
+    """A fragmented heap keeps its free memory resident until the trimming thread (started once) returns it."""
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    idle, trimmed, threads = map(int, out.stdout.split())
+    assert idle - trimmed > 300 and threads == 1, (idle, trimmed, threads)

@@ -70,7 +70,7 @@ def test_step_equals_hand_written_step(family, grad_clip):
     for i, b in enumerate(steps):
         before = {n: p.detach().clone() for n, p in model.sidenet.named_parameters()}
         want_loss, want_delta, norm = reference_step(ref, b, ref_mem, grad_clip)
-        loss = train_step(model, b, mem, opt, sched, torch.device("cpu"), grad_clip=grad_clip, precision="fp32")
+        loss = train_step(model, b, mem, opt, sched, torch.device("cpu"), grad_clip=grad_clip, precision="fp32").loss
         assert not loss.requires_grad
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
         if grad_clip == 0.01:
@@ -106,9 +106,9 @@ def test_bf16_precision_is_autocast():
     model, ref = model_pair("gpt2")
     b = batch(0, pad_row=1)
     loss32 = train_step(model, b, model.new_memory(2), torch.optim.SGD(model.sidenet.parameters(), lr=0.0),
-                        NoSchedule(), torch.device("cpu"), grad_clip=0.0, precision="fp32")
+                        NoSchedule(), torch.device("cpu"), grad_clip=0.0, precision="fp32").loss
     loss16 = train_step(ref, b, ref.new_memory(2), torch.optim.SGD(ref.sidenet.parameters(), lr=0.0),
-                        NoSchedule(), torch.device("cpu"), grad_clip=0.0, precision="bf16")
+                        NoSchedule(), torch.device("cpu"), grad_clip=0.0, precision="bf16").loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want16 = next_token_loss(ref(b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
     assert float(loss32) != float(loss16)

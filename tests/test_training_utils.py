@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import sysconfig
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,3 +377,17 @@ def test_pretrain_kill_and_resume_matches_uninterrupted(tiny_pretrain, monkeypat
     assert a.dtype == torch.bfloat16 and a.config.tie_word_embeddings
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert (resumed.final_dir / "tokenizer.json").is_file()
+
+
+def test_an_option_added_since_a_checkpoint_resumes_at_its_default(tmp_path):
+    """check_resumable: a key the saved config lacks counts as its default; any other value is a one-line error."""
+    from longmem.training.config_io import check_resumable
+    from longmem.training.train import TrainConfig
+    saved = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+    del saved["retrieval_loss_weight"]  # a checkpoint from before the option existed
+    (tmp_path / "step-000001").mkdir()
+    (tmp_path / "step-000001" / "state.json").write_text(json.dumps({"config": saved}))
+    check_resumable(tmp_path / "step-000001", TrainConfig(), set())
+    with pytest.raises(LongMemError, match=r"trained with retrieval_loss_weight=0\.0 but this run has "
+                                           r"retrieval_loss_weight=0\.5; use the same value"):
+        check_resumable(tmp_path / "step-000001", TrainConfig(retrieval_loss_weight=0.5), set())

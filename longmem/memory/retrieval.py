@@ -44,6 +44,10 @@ class Retrieval:
         """The same retrieval on `device`."""
         return Retrieval(self.slots.to(device), self.valid.to(device), self.scores.to(device))
 
+    def top(self, k: int) -> "Retrieval":
+        """The best k of each query's chunks (every backend returns them best first)."""
+        return Retrieval(self.slots[..., :k], self.valid[..., :k], self.scores[..., :k])
+
 
 class Retriever:
     """An index over one bank's chunk search keys, kept in step with the bank by the bank's calls.

@@ -75,8 +75,12 @@ def check_resumable(checkpoint: Path, cfg, resumable: set[str]) -> None:
             out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    saved = flatten(read_json(checkpoint / "state.json", "checkpoint state").get("config", {}))
-    mine = flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples -> lists, as saved
+    def as_saved(c) -> dict:
+        return flatten(json.loads(json.dumps(dataclasses.asdict(c))))  # tuples -> lists, as saved
+
+    # an option added after the checkpoint was written counts as saved with its default
+    saved = {**as_saved(type(cfg)()), **flatten(read_json(checkpoint / "state.json", "checkpoint state").get("config", {}))}
+    mine = as_saved(cfg)
     for key in sorted(set(saved) | set(mine)):
         if key not in resumable and saved.get(key) != mine.get(key):
             raise LongMemError(f"{checkpoint.parent} was trained with {key}={saved.get(key)} but this run has "

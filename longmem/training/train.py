@@ -63,6 +63,14 @@ class TrainConfig:
     memory_layer_lr_scale: float = 1.0
     """Learning-rate multiplier for the SideNet's memory-augmented layer (its block and per-head gates: the layer whose
     queries search the memory)."""
+    retrieval_loss_weight: float = 0.0
+    """Weight of the auxiliary retrieval loss (`longmem.retrieval_loss`: each memory query is trained to rank the
+    chunks holding its next token first); 0 = off, the paper's recipe."""
+    retrieval_loss_candidates: int = 64
+    """Chunks each memory query searches for that loss (at least the chunks it attends, topk_tokens / chunk_size)."""
+    retrieval_loss_through_lower_layers: bool = False
+    """That loss's gradient reaches the SideNet layers below the memory layer too (default: only the memory layer's
+    query projection, which measured as good at retrieval without making the SideNet worse without memory)."""
     min_document_chars: int = 0
     """Train and evaluate only on documents at least this long (memory matters on long documents)."""
     batch_size: int = 4
@@ -197,6 +205,12 @@ def train(cfg: TrainConfig) -> dict:
         raise LongMemError(f'dtype must be "bf16" or "fp32", not "{cfg.dtype}"')
     if not cfg.memory_layer_lr_scale >= 0:  # also NaN
         raise LongMemError(f"memory_layer_lr_scale must be a number of at least 0, not {cfg.memory_layer_lr_scale}")
+    if not cfg.retrieval_loss_weight >= 0:
+        raise LongMemError(f"retrieval_loss_weight must be a number of at least 0, not {cfg.retrieval_loss_weight}")
+    topk_chunks = cfg.longmem.topk_chunks
+    if cfg.retrieval_loss_weight > 0 and cfg.retrieval_loss_candidates < topk_chunks:
+        raise LongMemError(f"retrieval_loss_candidates={cfg.retrieval_loss_candidates} is fewer than the {topk_chunks} "
+                           f"chunks a query attends (topk_tokens / chunk_size); give at least {topk_chunks}")
     dist = Distributed.from_env()
     if dist.enabled:
         import torch.distributed as td
@@ -242,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
         run = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     is_main = dist.rank == 0
-    log = MetricsLog(out_dir, ["loss", "lr", "tokens_per_s", "memory_tokens", "gate_mean", "dev_ppl_backbone",
+    log = MetricsLog(out_dir, ["loss", "lr", "tokens_per_s", "memory_tokens", "gate_mean", "retrieval_loss", "dev_ppl_backbone",
                                "dev_ppl_no_memory", "dev_ppl_memory"], resume_step=step) if is_main else None
 
     def save(step: int) -> None:
@@ -273,14 +287,18 @@ def train(cfg: TrainConfig) -> dict:
     with StopOnCtrlC() as stop:
         while step < cfg.steps:
             batch = next(batcher)
-            loss = train_step(run, batch, memory, optimizer, scheduler, device, grad_clip=cfg.optim.grad_clip,
-                              precision=cfg.dtype)
+            losses = train_step(run, batch, memory, optimizer, scheduler, device, grad_clip=cfg.optim.grad_clip,
+                                precision=cfg.dtype, retrieval_loss_weight=cfg.retrieval_loss_weight,
+                                retrieval_candidates=cfg.retrieval_loss_candidates,
+                                retrieval_through_lower_layers=cfg.retrieval_loss_through_lower_layers)
             step += 1
             tok_s = speed.update(batch.num_targets * dist.world_size)
             if is_main:
                 gate = torch.sigmoid(model.sidenet.layers[model.config.sidenet_memory_layer].gate).mean().item()
-                row = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+                row = {"loss": losses.loss.item(), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
                        "memory_tokens": len(memory), "gate_mean": gate}
+                if losses.retrieval_loss is not None:
+                    row["retrieval_loss"] = losses.retrieval_loss.item()
                 if dev is not None and (step % cfg.eval_interval == 0 or step == cfg.steps):
                     row.update(evaluate(model, dev, cfg, device))
                     bar.write(f"step {step}: dev ppl backbone {row['dev_ppl_backbone']:.2f} | LongMem without memory "
