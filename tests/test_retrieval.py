@@ -17,6 +17,21 @@ def bank(capacity, retriever="exact", rows=2, dtype="float32"):
                                  fingerprint="test"), rows, retriever=retriever)
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """faiss builds HNSW graphs in parallel, in an order that varies from run to run: one thread makes each test's
+    index, and so its (approximate) answers, the same every time."""
+    try:
+        import faiss
+    except ImportError:
+        yield
+        return
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
 def small_index(name):
     """An approximate index that builds from 64 chunks on (the defaults wait for 1,024)."""
     r = make_retriever(name)
