@@ -62,9 +62,7 @@ def retrieval_loss(queries: torch.Tensor, memory: "MemoryBank", found: "Retrieva
     cand = cand.view(B, Hkv, Q, K, D).to(queries.device)                         # the candidates' search keys
     with torch.autocast(queries.device.type, enabled=False):  # float32 scores, also under a bf16 autocast
         scores = torch.einsum("bhqd,bhqkd->bhqk", queries.float(), cand.float()) / math.sqrt(D)  # (B, Hkv, Q, K)
-    ids = memory.token_ids[:, 0]                                                 # (B, S, C)
-    held = ids.gather(1, slots.reshape(B, Hkv * Q * K, 1).expand(-1, -1, ids.shape[-1]))  # (B, Hkv*Q*K, C)
-    held = held.view(B, Hkv, Q, K, -1).to(queries.device)
+    held = torch.stack([memory.chunk_token_ids(b, slots[b]) for b in range(B)]).to(queries.device)  # (B, Hkv, Q, K, C)
     target = targets.to(queries.device).repeat(1, Q // T).view(B, 1, Q, 1, 1)  # (B, 1, Q, 1, 1) token i % T
     valid = found.valid.to(queries.device)
     positive = (held == target).any(-1) & valid                                 # (B, Hkv, Q, K)

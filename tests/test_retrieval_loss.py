@@ -167,8 +167,10 @@ def test_train_step_minimises_the_weighted_sum():
 
 def test_bad_settings_are_one_line_errors(tmp_path):
     from longmem.training.train import TrainConfig, train
-    for bad, message in ((dict(retrieval_loss_weight=-0.5), r"^retrieval_loss_weight must be a number of at least 0"),
+    for bad, message in ((dict(retrieval_loss_weight=-0.5), r"^retrieval_loss_weight must be a finite number of at "
+                                                             r"least 0, not -0\.5$"),
                          (dict(retrieval_loss_weight=float("nan")), r"^retrieval_loss_weight must be .* not nan$"),
+                         (dict(retrieval_loss_weight=float("inf")), r"^retrieval_loss_weight must be .* not inf$"),
                          (dict(retrieval_loss_weight=1.0, retrieval_loss_candidates=8),
                           r"^retrieval_loss_candidates=8 is fewer than the 16 chunks a query attends")):
         with pytest.raises(LongMemError, match=message):

@@ -205,8 +205,8 @@ def train(cfg: TrainConfig) -> dict:
         raise LongMemError(f'dtype must be "bf16" or "fp32", not "{cfg.dtype}"')
     if not cfg.memory_layer_lr_scale >= 0:  # also NaN
         raise LongMemError(f"memory_layer_lr_scale must be a number of at least 0, not {cfg.memory_layer_lr_scale}")
-    if not cfg.retrieval_loss_weight >= 0:
-        raise LongMemError(f"retrieval_loss_weight must be a number of at least 0, not {cfg.retrieval_loss_weight}")
+    if not 0 <= cfg.retrieval_loss_weight < math.inf:  # also NaN
+        raise LongMemError(f"retrieval_loss_weight must be a finite number of at least 0, not {cfg.retrieval_loss_weight}")
     topk_chunks = cfg.longmem.topk_chunks
     if cfg.retrieval_loss_weight > 0 and cfg.retrieval_loss_candidates < topk_chunks:
         raise LongMemError(f"retrieval_loss_candidates={cfg.retrieval_loss_candidates} is fewer than the {topk_chunks} "
