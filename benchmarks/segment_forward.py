@@ -114,6 +114,18 @@ def exact_parts(mem, model, T: int, dev) -> dict:
             "search, before": search_before, "gather + memory attention, before": attend_before}
 
 
+def split_retrievers(spec: str) -> list[str]:
+    """'exact,faiss-ivf:nprobe=8,nlist_scale=4,torch-ivf' -> ['exact', 'faiss-ivf:nprobe=8,nlist_scale=4', 'torch-ivf']:
+    an item that is a setting (key=N) belongs to the retriever before it."""
+    names: list[str] = []
+    for item in spec.split(","):
+        if "=" in item and ":" not in item and names:
+            names[-1] += "," + item
+        else:
+            names.append(item)
+    return names
+
+
 def recall_on_real_memories(sizes: list[int], retrievers: list[str], data: str, k_chunks: int = 16) -> dict:
     """{(size, retriever): recall@k_chunks} against float32 brute force, with the default model's keys and queries."""
     from longmem.data.documents import load_documents
@@ -157,7 +169,8 @@ def main():
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--segment", type=int, default=1024)
     ap.add_argument("--memory-sizes", default="0,8192,65536,1048576")
-    ap.add_argument("--retrievers", default="exact,faiss-ivf,faiss-hnsw,torch-ivf")
+    ap.add_argument("--retrievers", default="exact,faiss-ivf,faiss-hnsw,torch-ivf",
+                    help="retrievers, comma-separated, each with its settings (exact,faiss-ivf:nprobe=8,nlist_scale=4)")
     ap.add_argument("--recall-data", default="data/prepared", help="prepared data for recall ('' to skip recall)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -170,7 +183,7 @@ def main():
     cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, n_positions=args.segment)
     backbone = GPT2LMHeadModel(cfg).to(dev).eval()
     sizes = [int(s) for s in args.memory_sizes.split(",")]
-    names = args.retrievers.split(",")
+    names = split_retrievers(args.retrievers)
     recall = recall_on_real_memories(sizes, names, args.recall_data) if args.recall_data else {}
     model = LongMemForCausalLM.from_backbone(backbone, LongMemConfig(segment_length=args.segment,
                                                                       memory_size=max(sizes + [4]))).to(dev).eval()

@@ -114,7 +114,7 @@ CASES = [
      "--retriever: retriever 'annoy': 'annoy' is not one of exact, faiss-ivf", B),
     ("unknown retriever (eval)", "eval ppl --retriever annoy", "--retriever: retriever 'annoy': 'annoy' is not one of", B),
     ("retriever setting of another backend", "memorize --model {ckpt} --input {txt} --out {tmp}/m.st --retriever "
-     "faiss-ivf:ef_search=9", "'ef_search=9' is not a setting of faiss-ivf (it takes nprobe=N, min_chunks=N)", B),
+     "faiss-ivf:ef_search=9", "'ef_search=9' is not a setting of faiss-ivf (it takes nprobe=N, nlist_scale=N, min_chunks=N)", B),
     ("threads 0", "generate --model {ckpt} --prompt hi --threads 0", "--threads: '0' is not a number of threads", B),
     ("threads -2 (train)", "train --threads -2", "--threads: '-2' is not a number of threads", B),
     ("unknown device", "generate --model {ckpt} --prompt hi --device tpu", 'unknown device "tpu"; use auto, cpu, cuda', B),

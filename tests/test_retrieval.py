@@ -264,6 +264,23 @@ def test_torch_ivf_returns_the_top_k_over_each_querys_probed_lists():
     assert mem.retriever.rows[0].centroids.shape[1] > 5  # the probes do prune
 
 
+@pytest.mark.parametrize("name", ["torch-ivf", "faiss-ivf"])
+def test_ivf_nlist_scale_sets_the_number_of_lists(name):
+    """nlist = scale x sqrt(chunks), at least 16 and at most chunks / 8 (hand-computed), in the index as built."""
+    from longmem.memory.retrieval import ivf_nlist
+
+    pytest.importorskip("faiss") if name.startswith("faiss") else None
+    assert [ivf_nlist(4096), ivf_nlist(4096, 4), ivf_nlist(4096, 16), ivf_nlist(100)] == [64, 256, 512, 16]
+    for scale, lists in ((1, 45), (4, 180), (16, 256)):  # 2,048 chunks: sqrt 45.25, cap 256
+        r = make_retriever(f"{name}:nlist_scale={scale},min_chunks=64")
+        mem = bank(capacity=4 * 2048, retriever=r, rows=1)
+        write_tokens(mem, 4 * 2048, seed=16)
+        mem.retriever.rebuild(mem)  # trained on all 2,048 chunks (growing, it retrains at 4x what it saw)
+        row = mem.retriever.rows[0]
+        got = [ix.nlist for ix in row.indexes] if name == "faiss-ivf" else [row.centroids.shape[1]]
+        assert set(got) == {lists}
+
+
 def test_retriever_specs_carry_settings():
     from longmem.config import parse_retriever
     from longmem.memory import make_retriever

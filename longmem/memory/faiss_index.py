@@ -21,14 +21,13 @@ Shapes: Hkv key/value heads, Q queries per head, n chunks, D head dim.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from longmem.errors import LongMemError
-from longmem.memory.retrieval import PerRowIndex, Retrieval
+from longmem.memory.retrieval import PerRowIndex, Retrieval, ivf_nlist
 
 if TYPE_CHECKING:
     from longmem.memory.bank import MemoryBank
@@ -83,19 +82,20 @@ def norms(x: np.ndarray) -> np.ndarray:
 class FaissRetriever(PerRowIndex):
     """faiss IVF-flat (`kind="ivf"`) or HNSW-flat (`kind="hnsw"`) inner-product search, per row and kv head.
 
-    IVF: `nlist` = sqrt(chunks) lists (at least 16) trained by k-means on the row's keys, `nprobe` of them
+    IVF: `nlist_scale` x sqrt(chunks) lists (`ivf_nlist`) trained by k-means on the row's keys, `nprobe` of them
     searched. HNSW (on the lifted keys, L2): `M` neighbours per node, `ef_search` candidates kept while searching."""
 
     def __init__(self, kind: str = "ivf", nprobe: int = 32, M: int = 32, ef_search: int = 128,
-                 min_chunks: int = 1024):
+                 min_chunks: int = 1024, nlist_scale: int = 1):
         assert kind in ("ivf", "hnsw"), kind
         self.faiss = import_faiss()
         self.kind, self.nprobe, self.M, self.ef_search, self.min_chunks = kind, nprobe, M, ef_search, min_chunks
+        self.nlist_scale = nlist_scale
         self.name = f"faiss-{kind}"
         super().__init__()
 
     def fresh(self) -> "FaissRetriever":
-        return FaissRetriever(self.kind, self.nprobe, self.M, self.ef_search, self.min_chunks)
+        return FaissRetriever(self.kind, self.nprobe, self.M, self.ef_search, self.min_chunks, self.nlist_scale)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _build(self, bank: "MemoryBank", row: int) -> _Row | None:
@@ -113,7 +113,7 @@ class FaissRetriever(PerRowIndex):
                 index = faiss.IndexHNSWFlat(D + 1, self.M)  # L2
                 index.add(lift(x, radii[-1]))  # ids are the insertion order, 0..n-1
             else:
-                nlist = max(16, int(math.sqrt(n)))
+                nlist = ivf_nlist(n, self.nlist_scale)
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
                 index.cp.min_points_per_centroid = 1  # no warning for small rows: they still train fine
                 index.train(x)

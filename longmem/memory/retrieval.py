@@ -17,6 +17,7 @@ Shapes: B rows, Hkv key/value heads, Q queries per head, S chunk slots in use, D
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -106,6 +107,12 @@ class PerRowIndex(Retriever):
         index = self.rows[row]
         if index is None or not self._extend(index, bank, row, slots):
             self.rows[row] = self._build(bank, row)
+
+
+def ivf_nlist(chunks: int, scale: int = 1) -> int:
+    """Lists of an inverted-file index over `chunks` vectors: scale x sqrt(chunks) (faiss's guidance is 1-16 x),
+    at least 16 and at most chunks / 8 (so that k-means has points to place every centroid)."""
+    return max(16, min(scale * int(math.sqrt(chunks)), chunks // 8))
 
 
 def topk_by_blocks(scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """`torch-ivf`: an inverted-file index in plain torch, on the bank's device (GPU without faiss).
 
-Per batch row and key/value head, L2 k-means centroids (`nlist` = sqrt(chunks), at least 16)
+Per batch row and key/value head, L2 k-means centroids (`nlist_scale` x sqrt(chunks), `ivf_nlist`)
 partition the chunk slots into lists (each chunk in its nearest centroid's). Every written slot is
 (re)assigned to its nearest centroid when written, so an overwritten (evicted) chunk leaves its
 old list at once: the lists only ever hold the row's current chunks. A query scores the
@@ -17,12 +17,11 @@ Shapes: Hkv key/value heads, Q queries per head, L lists, P probes, S slots, D d
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from longmem.memory.retrieval import PerRowIndex, Retrieval
+from longmem.memory.retrieval import PerRowIndex, Retrieval, ivf_nlist
 
 if TYPE_CHECKING:
     from longmem.memory.bank import MemoryBank
@@ -56,15 +55,15 @@ class _Row:
 
 
 class TorchIVFRetriever(PerRowIndex):
-    """Inverted-file search in torch: `nprobe` lists of sqrt(chunks) searched exactly per query."""
+    """Inverted-file search in torch: `nprobe` of `nlist_scale` x sqrt(chunks) lists searched exactly per query."""
     name = "torch-ivf"
 
-    def __init__(self, nprobe: int = 32, min_chunks: int = 1024):
-        self.nprobe, self.min_chunks = nprobe, min_chunks
+    def __init__(self, nprobe: int = 32, min_chunks: int = 1024, nlist_scale: int = 1):
+        self.nprobe, self.min_chunks, self.nlist_scale = nprobe, min_chunks, nlist_scale
         super().__init__()
 
     def fresh(self) -> "TorchIVFRetriever":
-        return TorchIVFRetriever(self.nprobe, self.min_chunks)
+        return TorchIVFRetriever(self.nprobe, self.min_chunks, self.nlist_scale)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _build(self, bank: "MemoryBank", row: int) -> _Row | None:
@@ -72,7 +71,7 @@ class TorchIVFRetriever(PerRowIndex):
         if n < self.min_chunks:
             return None
         keys = bank.row_search_keys(row, torch.arange(n, device=bank.device))  # (Hkv, n, D) slots 0..n-1
-        cent = kmeans(keys, max(16, int(math.sqrt(n))))
+        cent = kmeans(keys, ivf_nlist(n, self.nlist_scale))
         assign = torch.zeros(keys.shape[0], bank.max_chunks, dtype=torch.long, device=bank.device)
         assign[:, :n] = nearest(keys, cent)
         return _Row(cent, assign, trained_on=n)
