@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from longmem.decoding import RecomputeDecoder
+from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
 
 pytest.importorskip("fastapi")
@@ -478,6 +479,35 @@ def test_loaded_memories_are_bounded_lru(srv):
     assert srv.service.store.loaded() == ["lru-2", "lru-0"]
 
 
+def test_the_servers_retriever_searches_every_memory(checkpoint, loaded, tmp_path, monkeypatch):
+    """--retriever reaches the memories the server loads and the banks a batch generates with (it was ignored)."""
+    model, tok = loaded
+    stacked = []
+    stack = MemoryBank.stack.__func__
+
+    def recording_stack(cls, banks):
+        stacked.append(stack(cls, banks))
+        return stacked[-1]
+
+    monkeypatch.setattr(MemoryBank, "stack", classmethod(recording_stack))
+    s = Running(server_config(checkpoint, tmp_path, retriever="torch-ivf:min_chunks=8"), model, tok)
+    try:
+        h = s.create("ivf")
+        s.http.post("/v1/memories/ivf/append", json={"text": TEXT * 2}, headers=h)
+        s.service.store._loaded.clear()  # read back from disk
+        bank = s.service.store.get("ivf")
+        assert (bank.retriever.name, bank.retriever.min_chunks) == ("torch-ivf", 8)
+        assert bank.retriever.rows[0] is not None  # an index was built over its chunks
+        r = s.http.post("/v1/memories/ivf/complete", json={"prompt": "while lo < hi:", "max_new_tokens": 4}, headers=h)
+        r2 = s.http.post("/v1/completions", json={"prompt": "while lo", "max_tokens": 2})  # no memory: a new one
+        assert r.status_code == r2.status_code == 200 and len(stacked) == 2
+        assert [b.retriever.name for b in stacked] == ["torch-ivf", "torch-ivf"]
+    finally:
+        s.close()
+    with pytest.raises(LongMemError, match="'annoy' is not one of"):
+        server_config(checkpoint, tmp_path, retriever="annoy").validate()
+
+
 def test_docs_health_and_models(srv):
     assert srv.http.get("/docs").status_code == 200
     spec = srv.http.get("/openapi.json").json()
@@ -523,6 +553,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_memory(srv):
     ("serve --model {tmp}/nope", "is not a LongMem checkpoint"),
     ("serve --model {ckpt} --max-new-tokens 0", "--max-new-tokens: '0' is not a number of tokens"),
     ("serve --model {ckpt} --precision fp8", "argument --precision: invalid choice"),
+    ("serve --model {ckpt} --retriever faiss-ivf:ef_search=3", "'ef_search=3' is not a setting of faiss-ivf"),
 ])
 def test_serve_command_line_errors(checkpoint, tmp_path, capsys, monkeypatch, argv, message):
     import longmem.server.app

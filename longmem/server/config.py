@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longmem.config import parse_retriever
 from longmem.errors import LongMemError
 
 
@@ -18,6 +19,9 @@ class ServerConfig:
     port: int = 8000
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
+    retriever: str = ""
+    """Search backend of every memory the server loads or creates, optionally with settings ('faiss-ivf:nprobe=8');
+    '' is the model's (`LongMemConfig.retriever`)."""
     precision: str = "bf16"
     """Compute precision of every forward (bf16 autocast, or fp32)."""
     max_loaded: int = 64
@@ -45,6 +49,8 @@ class ServerConfig:
                                    f"{'0..65535' if name == 'port' else 'of at least 1'}")
         if not self.batch_wait_ms >= 0:
             raise LongMemError(f"server setting batch_wait_ms={self.batch_wait_ms!r} must be a number >= 0")
+        if self.retriever:
+            parse_retriever(self.retriever)  # a bad name or setting is a LongMemError
         if self.precision not in ("bf16", "fp32"):
             raise LongMemError(f"server setting precision={self.precision!r}; use bf16 or fp32")
         return self

@@ -72,8 +72,9 @@ class _Call:
 
 class BatchScheduler:
     def __init__(self, model: "LongMemForCausalLM", tokenizer, max_batch: int = 16, batch_wait_ms: float = 2.0,
-                 precision: str = "bf16"):
+                 precision: str = "bf16", retriever: str | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.retriever = retriever  # search backend of a batch's memory (None: the model's)
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
         self.precision = precision
         self.batches: list[int] = []  # size of every batch run (for tests and the benchmark)
@@ -149,7 +150,7 @@ class BatchScheduler:
         self.batches.append(B)
         o = jobs[0].options
         options = o.replace(max_new_tokens=max(j.options.max_new_tokens for j in jobs), stop_strings=None)
-        memory = MemoryBank.stack([job.memory.select([0]) if job.memory is not None else model.new_memory(1)
+        memory = MemoryBank.stack([job.memory.select([0]) if job.memory is not None else model.new_memory(1, retriever=self.retriever)
                                    for job in jobs])  # copies: generating never changes a stored memory
         local = [job.prompt_ids for job in jobs]
         N = max(len(ids) for ids in local)

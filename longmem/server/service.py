@@ -40,9 +40,11 @@ class Result:
 class Service:
     def __init__(self, config: ServerConfig, model, tokenizer):
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        self.store = MemoryStore(config.data_dir, model.memory_spec(), model.device, config.max_loaded)
+        retriever = config.retriever or model.config.retriever
+        self.store = MemoryStore(config.data_dir, model.memory_spec(), model.device, config.max_loaded, retriever)
         self.recovered = self.store.recover()
-        self.scheduler = BatchScheduler(model, tokenizer, config.max_batch, config.batch_wait_ms, config.precision)
+        self.scheduler = BatchScheduler(model, tokenizer, config.max_batch, config.batch_wait_ms, config.precision,
+                                        retriever)
 
     # ---- checks -----------------------------------------------------------------------------
     def authorize(self, name: str, token: str | None) -> str:

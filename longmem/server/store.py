@@ -73,10 +73,12 @@ def fsync_dir(path: Path) -> None:
 
 
 class MemoryStore:
-    def __init__(self, root: str | os.PathLike, spec: MemorySpec, device, max_loaded: int = 64):
+    def __init__(self, root: str | os.PathLike, spec: MemorySpec, device, max_loaded: int = 64,
+                 retriever: str = "exact"):
         self.root = Path(root)
         self.spec = spec
         self.device = device
+        self.retriever = retriever  # search backend of every bank loaded
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, MemoryBank] = OrderedDict()  # LRU: most recent last
         self._lock = threading.Lock()   # guards _loaded and creation/deletion
@@ -156,7 +158,7 @@ class MemoryStore:
         if not path.is_file():
             raise NotFound(f"no memory {name!r} is accessible with this token; check the name and the token "
                            f"(Authorization: Bearer <token>)")
-        bank = MemoryBank.load(path, self.device, expect=self.spec)
+        bank = MemoryBank.load(path, self.device, expect=self.spec, retriever=self.retriever)
         self._remember(name, bank)
         return bank
 
@@ -174,7 +176,7 @@ class MemoryStore:
         folder = self.root / name
         with atomic_path(folder / MEMORY_FILE) as tmp:
             tmp.write_bytes(data)
-            bank = MemoryBank.load(tmp, self.device, expect=self.spec)
+            bank = MemoryBank.load(tmp, self.device, expect=self.spec, retriever=self.retriever)
             if bank.batch_size != 1:
                 raise LongMemError(f"the memory file holds {bank.batch_size} rows; a named memory is one sequence "
                                    f"(save one row: memory.select([i]).save(path))")
