@@ -358,9 +358,10 @@ def cmd_serve(args) -> None:
     from longmem.server.app import serve
 
     serve(ServerConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port, device=args.device,
-                       retriever=args.retriever or "", precision=args.precision, max_loaded=args.max_loaded, max_batch=args.max_batch,
-                       max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, max_append_tokens=args.max_append_tokens).validate())
+                       retriever=args.retriever or "", precision=args.precision, max_loaded=args.max_loaded,
+                       max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                       max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                       max_append_tokens=args.max_append_tokens).validate())
 
 
 def port(text: str) -> int:

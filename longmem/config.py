@@ -18,8 +18,10 @@ MEMORY_DTYPES = CANONICAL_DTYPES + ("int8",)  # the table of float dtype names l
 """Storage dtypes a memory may use, by their `torch` attribute names (the one table: `MemoryBank` reads it too);
 int8 is quantised with one scale per vector (longmem.memory.quant)."""
 
-RETRIEVERS = {"exact": ("max_scores", "tile", "blocks", "query_block"), "faiss-ivf": ("nprobe", "nlist_scale", "min_chunks"),
-              "faiss-hnsw": ("M", "ef_search", "min_chunks"), "torch-ivf": ("nprobe", "nlist_scale", "min_chunks")}
+RETRIEVERS = {"exact": ("max_scores", "tile", "blocks", "query_block"),
+              "faiss-ivf": ("nprobe", "nlist_scale", "min_chunks"),
+              "faiss-hnsw": ("M", "ef_search", "min_chunks"),
+              "torch-ivf": ("nprobe", "nlist_scale", "min_chunks")}
 """Retrieval backends by name, with the integer settings each takes (`longmem.memory.retrieval.make_retriever`
 builds them; docs/retrieval.md says what the settings do)."""
 

@@ -150,7 +150,8 @@ class BatchScheduler:
         self.batches.append(B)
         o = jobs[0].options
         options = o.replace(max_new_tokens=max(j.options.max_new_tokens for j in jobs), stop_strings=None)
-        memory = MemoryBank.stack([job.memory.select([0]) if job.memory is not None else model.new_memory(1, retriever=self.retriever)
+        memory = MemoryBank.stack([job.memory.select([0]) if job.memory is not None
+                                   else model.new_memory(1, retriever=self.retriever)
                                    for job in jobs])  # copies: generating never changes a stored memory
         local = [job.prompt_ids for job in jobs]
         N = max(len(ids) for ids in local)
