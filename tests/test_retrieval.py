@@ -270,7 +270,8 @@ def test_ivf_nlist_scale_sets_the_number_of_lists(name):
     from longmem.memory.retrieval import ivf_nlist
 
     pytest.importorskip("faiss") if name.startswith("faiss") else None
-    assert [ivf_nlist(4096), ivf_nlist(4096, 4), ivf_nlist(4096, 16), ivf_nlist(100)] == [64, 256, 512, 16]
+    assert [ivf_nlist(4096), ivf_nlist(4096, 4), ivf_nlist(4096, 16), ivf_nlist(100), ivf_nlist(10)] == [
+        64, 256, 512, 16, 10]
     for scale, lists in ((1, 45), (4, 180), (16, 256)):  # 2,048 chunks: sqrt 45.25, cap 256
         r = make_retriever(f"{name}:nlist_scale={scale},min_chunks=64")
         mem = bank(capacity=4 * 2048, retriever=r, rows=1)
@@ -279,6 +280,19 @@ def test_ivf_nlist_scale_sets_the_number_of_lists(name):
         row = mem.retriever.rows[0]
         got = [ix.nlist for ix in row.indexes] if name == "faiss-ivf" else [row.centroids.shape[1]]
         assert set(got) == {lists}
+
+
+@pytest.mark.parametrize("name", ["torch-ivf", "faiss-ivf"])
+def test_ivf_indexes_a_row_of_fewer_chunks_than_16_lists(name):
+    """min_chunks below 16: a row of 10 chunks gets 10 lists (faiss's k-means and torch-ivf failed with 16); with
+    every list probed the search is exact."""
+    pytest.importorskip("faiss") if name.startswith("faiss") else None
+    mem = bank(capacity=4 * 64, retriever=make_retriever(f"{name}:min_chunks=8"))
+    write_tokens(mem, 4 * 10, seed=17, segment=40)
+    assert mem.retriever.rows[0] is not None
+    q = clustered(5, seed=18).permute(1, 0, 2)[None].expand(2, -1, -1, -1)
+    found, ref = mem.search(q, 4), brute(mem, q, 4)
+    torch.testing.assert_close(found.scores, ref.values, rtol=1e-4, atol=1e-4)
 
 
 def test_retriever_specs_carry_settings():

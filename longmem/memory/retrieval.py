@@ -111,8 +111,9 @@ class PerRowIndex(Retriever):
 
 def ivf_nlist(chunks: int, scale: int = 1) -> int:
     """Lists of an inverted-file index over `chunks` vectors: scale x sqrt(chunks) (faiss's guidance is 1-16 x),
-    at least 16 and at most chunks / 8 (so that k-means has points to place every centroid)."""
-    return max(16, min(scale * int(math.sqrt(chunks)), chunks // 8))
+    at most chunks / 8 (so that k-means has points to place every centroid), at least 16, and never more lists than
+    chunks (a row indexed from fewer than 16 chunks, with a small `min_chunks`: one list per chunk)."""
+    return min(chunks, max(16, min(scale * int(math.sqrt(chunks)), chunks // 8)))
 
 
 def topk_by_blocks(scores: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
