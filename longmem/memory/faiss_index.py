@@ -9,6 +9,13 @@ rebuild once they outnumber the live ones; an IVF index is also retrained once i
 4x past the chunks it was trained on. Rows holding fewer than `min_chunks` chunks are searched
 exactly (no index is worth building for them).
 
+IVF lists come from L2 k-means and every chunk goes to its L2-nearest centroid; queries probe the lists whose
+centroids have the largest inner product with them (the quantizer is an `IndexFlatIP` over the L2 centroids).
+faiss's own inner-product IVF trains spherical k-means (unit-norm centroids), so its lists and probes see only a
+key's direction, not its length: on the default model's real keys at the same nprobe (so at the same search cost),
+recall@16 went from 0.79 / 0.89 / 0.96 to 0.86 / 0.93 / 0.98 at 65k tokens (nprobe 8 / 16 / 32 of 128 lists) and
+from 0.81 / 0.90 to 0.88 / 0.94 at 1M (nprobe 16 / 32 of 512).
+
 HNSW searches by L2 distance after the standard inner-product-to-L2 transform: each key x gets an
 extra coordinate sqrt(R^2 - |x|^2) (R: the largest key norm of the index) and each query a 0, so
 the nearest keys in L2 are the ones with the largest inner product. An HNSW graph built on inner
@@ -45,9 +52,11 @@ def import_faiss():
 class _Row:
     """One row's faiss indexes (one per kv head) and the slot of every id they hold."""
 
-    def __init__(self, indexes: list, slots: np.ndarray, trained_on: int, radii: list[float] | None = None):
+    def __init__(self, indexes: list, slots: np.ndarray, trained_on: int, radii: list[float] | None = None,
+                 assigners: list | None = None):
         self.indexes = indexes
         self.radii = radii                    # HNSW: R of each head's index (its largest key norm)
+        self.assigners = assigners            # IVF: each head's centroids in an IndexFlatL2 (a chunk's list)
         self._slots = slots.astype(np.int64)  # (capacity,) slot of each id, the first `total` in use
         self.total = len(slots)               # ids given out; the newest num_chunks of them are live
         self.trained_on = trained_on
@@ -72,6 +81,17 @@ def lift(x: np.ndarray, radius: float) -> np.ndarray:
     |q' - x'|^2 = |q|^2 + R^2 - 2 q.x for a query q' = (q, 0): the L2-nearest key is the best inner product."""
     extra = np.sqrt(np.maximum(radius ** 2 - (x.astype(np.float64) ** 2).sum(1), 0)).astype(np.float32)
     return np.ascontiguousarray(np.concatenate([x, extra[:, None]], axis=1))
+
+
+def add_to_lists(index, assigner, x: np.ndarray, ids: np.ndarray) -> None:
+    """Add keys x (n, D) with `ids` (n,) to an IVF index, each in the list of its L2-nearest centroid (`assigner`, an
+    IndexFlatL2 over the index's centroids) rather than its inner-product one. (faiss.contrib's `add_preassigned`
+    does the same but keeps no reference to `ids`: a temporary array is freed before faiss reads it.)"""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    lists = np.ascontiguousarray(assigner.assign(x, 1).reshape(-1), dtype=np.int64)  # (n,)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    faiss = import_faiss()
+    index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 def norms(x: np.ndarray) -> np.ndarray:
@@ -105,7 +125,7 @@ class FaissRetriever(PerRowIndex):
         slots = bank.write_order(row)               # (n,) oldest first: ids 0..n-1
         keys = bank.row_search_keys(row, slots)       # (Hkv, n, D) float32
         D = keys.shape[-1]
-        faiss, indexes, radii = self.faiss, [], []
+        faiss, indexes, radii, assigners = self.faiss, [], [], []
         for x in keys.cpu().numpy():
             x = np.ascontiguousarray(x)
             if self.kind == "hnsw":
@@ -114,12 +134,17 @@ class FaissRetriever(PerRowIndex):
                 index.add(lift(x, radii[-1]))  # ids are the insertion order, 0..n-1
             else:
                 nlist = ivf_nlist(n, self.nlist_scale)
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
-                index.cp.min_points_per_centroid = 1  # no warning for small rows: they still train fine
-                index.train(x)
-                index.add_with_ids(x, np.arange(n, dtype=np.int64))
+                # L2 k-means (faiss's defaults: 25 iterations on at most 256 points per centroid); min 1 point per
+                # centroid: no warning for small rows, they still train fine
+                km = faiss.Kmeans(D, nlist, min_points_per_centroid=1, seed=1234)
+                km.train(x)
+                quantizer = faiss.IndexFlatIP(D)  # probing: the centroids with the largest inner product
+                quantizer.add(km.centroids)
+                index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+                assigners.append(km.index)  # IndexFlatL2 over the centroids
+                add_to_lists(index, km.index, x, np.arange(n, dtype=np.int64))
             indexes.append(index)
-        return _Row(indexes, slots.cpu().numpy(), trained_on=n, radii=radii or None)
+        return _Row(indexes, slots.cpu().numpy(), trained_on=n, radii=radii or None, assigners=assigners or None)
 
     def rebuild(self, bank: "MemoryBank") -> None:
         self.faiss.omp_set_num_threads(torch.get_num_threads())
@@ -137,7 +162,7 @@ class FaissRetriever(PerRowIndex):
         for h, (index, x) in enumerate(zip(r.indexes, keys)):
             x = np.ascontiguousarray(x)
             if self.kind == "ivf":
-                index.add_with_ids(x, ids)
+                add_to_lists(index, r.assigners[h], x, ids)
             else:
                 index.add(lift(x, r.radii[h]))
         r.append(slots.cpu().numpy())
