@@ -205,6 +205,9 @@ def main():
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, help="CPU threads (default: longmem's policy, longmem.runtime)")
     ap.add_argument("--no-parts", action="store_true", help="skip timing the exact path's steps one by one")
+    ap.add_argument("--offload", action="store_true",
+                    help="memories in (pinned) CPU memory, searched there, the model on --device (model.new_memory's "
+                         "offload=True); the rows then time the offloaded path")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -229,7 +232,7 @@ def main():
             real_queries[n] = heads_repeated(q[:, :, :args.segment], H, 1).to(dev, torch.bfloat16)  # (1, H, T, D)
             del mem, q
         for name in names if n else ["exact"]:
-            mem = model.new_memory(1, memory_size=max(n, 4), retriever=name)
+            mem = model.new_memory(1, memory_size=max(n, 4), retriever=name, offload=args.offload)
             fill(mem, n, tokens, H, D, dev)
             memories[n, name] = mem
         del tokens
@@ -263,7 +266,7 @@ def main():
         t_search = timed_interleaved({"backbone": run_backbone, **{key: run_search(key) for key in memories
                                                                    if key[0] in real_queries}}, args.repeats)
         parts = {}
-        if not args.no_parts and "exact" in names:
+        if not args.no_parts and not args.offload and "exact" in names:  # (the steps' timing reads a resident bank)
             def timed_part(fn):
                 def f():
                     fn()
@@ -280,7 +283,8 @@ def main():
     t0 = t.get((0, "exact"))
     print(f"device={dev.type} threads={torch.get_num_threads()} backbone: {args.layers} layers, d={args.width}, "
           f"{args.heads} heads, segment {args.segment} tokens; SideNet {model.config.sidenet_layers} layers; "
-          f"K={model.config.topk_tokens}, chunk {model.config.chunk_size}; memory {model.config.memory_dtype}")
+          f"K={model.config.topk_tokens}, chunk {model.config.chunk_size}; memory {model.config.memory_dtype}"
+          f"{', offloaded to CPU memory' if args.offload else ''}")
     print()
     print(f"('{BEFORE}': the same memory searched and read as before the tiled search and the blocked gather; "
           f"memories of real keys at {', '.join(f'{n:,}' for n in real_queries) or 'no size'}, random keys elsewhere)")
