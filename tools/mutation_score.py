@@ -1,7 +1,7 @@
 """Mutation score of the core modules (mutmut), with the equivalent mutants explained.
 
     .venv/bin/pip install mutmut
-    .venv/bin/python tools/mutation_score.py          # mutmut run, then the score (about 30 min on 2 cores)
+    .venv/bin/python tools/mutation_score.py          # mutmut run, then the score (about 65 min on 2 cores)
     .venv/bin/python tools/mutation_score.py --no-run # the score of the last run only
 
 Which modules are mutated is `[tool.mutmut] only_mutate` in pyproject.toml. A surviving
