@@ -228,7 +228,7 @@ def main():
         tokens = None
         if n in real and real[n][0].spec.head_dim == D:
             mem, q = real.pop(n)
-            tokens = tuple(heads_repeated(x, H, 0) for x in mem.tokens(0))  # (H, n, D) keys, values: oldest first
+            tokens = tuple(heads_repeated(t, H, 0) for t in mem.tokens(0))  # (H, n, D) keys, values: oldest first
             real_queries[n] = heads_repeated(q[:, :, :args.segment], H, 1).to(dev, torch.bfloat16)  # (1, H, T, D)
             del mem, q
         for name in names if n else ["exact"]:

@@ -285,8 +285,8 @@ def test_ivf_nlist_scale_sets_the_number_of_lists(name):
 def test_faiss_ivf_lists_are_l2_and_probed_by_inner_product():
     """faiss-ivf holds each chunk (built or added later) in the list of its L2-nearest centroid, as torch-ivf does,
     not by faiss's inner-product IVF (spherical k-means: unit centroids, the same list by L2 and by inner product, so
-    the second assert fails there), and a search probes the lists
-    whose centroids have the largest inner product with the query (recomputed here from the stored lists)."""
+    the second assert fails there), and a search probes the lists whose centroids have the largest inner product
+    with the query (recomputed here from the stored lists)."""
     faiss = pytest.importorskip("faiss")
     mem = bank(capacity=4 * 2048, retriever=make_retriever("faiss-ivf:min_chunks=64,nprobe=4"), rows=1)
     write_tokens(mem, 4 * 1000, seed=19)
@@ -296,23 +296,23 @@ def test_faiss_ivf_lists_are_l2_and_probed_by_inner_product():
     assert row.total == 1400 and row.trained_on == 1000
     keys = mem.search_keys()[0].float()  # (H, S, D)
     q = clustered(6, seed=21).permute(1, 0, 2)                                    # (H, Q, D)
+    found = mem.search(q[None], 16)
     for h, index in enumerate(row.indexes):
         cent = torch.from_numpy(index.quantizer.reconstruct_n(0, index.nlist))   # (L, D)
         ids = [torch.from_numpy(faiss.rev_swig_ptr(index.invlists.get_ids(l), index.invlists.list_size(l)).copy())
                for l in range(index.nlist)]
         lists = torch.cat([torch.full((len(i),), l) for l, i in enumerate(ids)])
-        x = keys[h, torch.from_numpy(row.id_slot)[torch.cat(ids)]]               # (n, D) in list order
+        slots = torch.from_numpy(row.id_slot)[torch.cat(ids)]                     # (n,) slot of each, in list order
+        x = keys[h, slots]                                                        # (n, D)
         assert torch.equal(lists, torch.cdist(x, cent).argmin(-1))                # L2-nearest centroid
         assert not torch.equal(lists, (x @ cent.T).argmax(-1))                   # not the inner-product one
         # a search returns the float32 top 16 over the chunks of the 4 lists of largest inner product
         top_lists = (q[h] @ cent.T).topk(4, dim=-1).indices                       # (Q, 4)
-        found = mem.search(q[None], 16)
         for i in range(q.shape[1]):
             members = torch.isin(lists, top_lists[i])
             s = (x[members] @ q[h, i]).topk(16)
-            slot_of = torch.from_numpy(row.id_slot)[torch.cat(ids)][members]
             torch.testing.assert_close(found.scores[0, h, i], s.values, rtol=1e-5, atol=1e-4)
-            assert set(found.slots[0, h, i].tolist()) == set(slot_of[s.indices].tolist())
+            assert set(found.slots[0, h, i].tolist()) == set(slots[members][s.indices].tolist())
 
 
 @pytest.mark.parametrize("name", ["torch-ivf", "faiss-ivf"])
